@@ -1,0 +1,136 @@
+"""The ``ltbench`` command: run suites, print the leaderboard, list what is registered."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import ltbench
+from ltbench.errors import LtbenchError
+
+log = logging.getLogger("ltbench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * args.verbose, format="%(message)s", stream=sys.stderr
+    )
+    logging.getLogger("ltbench").setLevel(logging.INFO - 10 * max(0, args.verbose - 2))
+    if args.verbose < 2:  # per-epoch and per-run detail only with -v
+        logging.getLogger("ltbench.engine").setLevel(logging.WARNING)
+        logging.getLogger("ltbench.runner").setLevel(logging.WARNING)
+    try:
+        return args.handler(args)
+    except LtbenchError as error:
+        sys.stderr.write(f"ltbench: error: {error}\n")
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ltbench", description="Benchmark harness for long-tailed image recognition."
+    )
+    parser.add_argument("--version", action="version", version=f"ltbench {ltbench.__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=1,
+                        help="-v: a line per epoch and the test metrics of each run; -vv: debug")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a suite and print its leaderboard")
+    run.add_argument("suite", nargs="?", default="default",
+                     help="a packaged suite name or a suite YAML file (default: default)")
+    run.add_argument("overrides", nargs="*", metavar="key=value",
+                     help="suite fields (seeds=[0], methods=[ce]) or run config "
+                          "(recipe.epochs=5, tracking.uri=...)")
+    run.add_argument("--format", choices=FORMATS, default="markdown")
+    run.set_defaults(handler=cmd_run)
+
+    board = commands.add_parser("leaderboard", help="print the leaderboard of tracked runs")
+    board.add_argument("--experiment", action="append",
+                       help="experiment name (repeatable; default: every experiment)")
+    board.add_argument("--format", choices=FORMATS, default="markdown")
+    board.add_argument("--out", type=Path, help="write to this file instead of stdout")
+    board.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
+                                              "else ./mlflow.db)")
+    board.set_defaults(handler=cmd_leaderboard)
+
+    listing = commands.add_parser("list", help="list registered methods, data sets, models")
+    listing.add_argument("kind", nargs="?", choices=["methods", "datasets", "models", "suites"])
+    listing.set_defaults(handler=cmd_list)
+    return parser
+
+
+FORMATS = ("markdown", "csv", "latex", "html", "json")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ltbench import leaderboard
+    from ltbench.suite import load_suite, run_suite
+    from ltbench.tracking import Tracker
+
+    suite, run_layer = load_suite(args.suite, args.overrides)
+    result = run_suite(suite, run_layer)
+    tracker = Tracker(run_layer.get("tracking", {}).get("uri"))
+    runs, excluded = leaderboard.collect(tracker, [result.experiment])
+    board = leaderboard.build(runs, excluded, result.fingerprints)
+    sys.stdout.write(leaderboard.render(board, args.format))
+    for config, message in result.failures:
+        sys.stderr.write(
+            f"failed: {config.dataset.name} {config.method.name} seed {config.seed}: {message}\n"
+        )
+    return 1 if result.failures else 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from ltbench import leaderboard
+    from ltbench.tracking import Tracker
+
+    tracker = Tracker(args.tracking_uri)
+    if args.experiment:
+        missing = [e for e in args.experiment if not tracker.experiment_ids([e])]
+        if missing:
+            known = [e.name for e in tracker.client.search_experiments()]
+            raise LtbenchError(
+                f"no experiment {missing[0]!r} in {tracker.uri}; experiments there: "
+                f"{', '.join(known) or 'none'}"
+            )
+    runs, excluded = leaderboard.collect(tracker, args.experiment)
+    text = leaderboard.render(leaderboard.build(runs, excluded), args.format)
+    if args.out:
+        args.out.write_text(text)
+        log.info("wrote %s", args.out)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from ltbench.data import DATASETS
+    from ltbench.method import METHODS
+    from ltbench.models import MODELS
+    from ltbench.suite import packaged_suites, suite_text
+
+    registries = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}
+    kinds = [args.kind] if args.kind else [*registries, "suites"]
+    for kind in kinds:
+        sys.stdout.write(f"{kind}:\n")
+        if kind == "suites":
+            import yaml
+
+            for name in packaged_suites():
+                description = yaml.safe_load(suite_text(name)[0]).get("description", "")
+                sys.stdout.write(f"  {name:<16} {description}\n")
+            continue
+        registry = registries[kind]
+        for name in registry.names():
+            sys.stdout.write(f"  {name:<16} {registry.describe(name)}\n")
+        if kind == "models":
+            sys.stdout.write(f"  {'timm/<name>':<16} any timm model, untrained, as the backbone\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Data set plugins, their splits, shot groups, sampling, and the in-memory tensor pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ltbench.errors import PluginError
+from ltbench.method import ClassSampling
+from ltbench.registry import Registry, check_options
+
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+class Split:
+    """A split of a data set: labels plus a way to feed its images to the training device."""
+
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def loader(self, *, train: bool, recipe: Any, mean: tuple, std: tuple, device: torch.device,
+               seed: int, channels_last: bool = False, num_workers: int = 0) -> Loader:
+        """A loader for this split; ``train`` turns on the recipe's augmentation."""
+        raise NotImplementedError
+
+
+class Loader:
+    """Feeds batches of a split: ``batches(indices, batch_size)`` yields (images, labels)."""
+
+    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+        raise NotImplementedError
+
+
+@dataclass
+class TensorSplit(Split):
+    """A small split held whole in memory as uint8 images (N, C, H, W) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        assert self.images.dtype == torch.uint8 and self.images.ndim == 4
+        assert len(self.images) == len(self.labels)
+
+    def loader(self, *, train: bool, recipe: Any, mean: tuple, std: tuple, device: torch.device,
+               seed: int, channels_last: bool = False, num_workers: int = 0) -> TensorLoader:
+        return TensorLoader(
+            self, device, mean, std,
+            crop_padding=recipe.crop_padding if train else 0,
+            flip=recipe.flip if train else False,
+            channels_last=channels_last,
+            seed=seed,
+        )
+
+
+class TensorLoader(Loader):
+    """Keeps a TensorSplit on the device and augments whole batches there.
+
+    Random crop with zero padding and horizontal flip are done with tensor indexing over the
+    batch, so there is no per-image Python work and no worker process.
+    """
+
+    def __init__(self, split: TensorSplit, device: torch.device, mean: tuple, std: tuple, *,
+                 crop_padding: int, flip: bool, channels_last: bool, seed: int) -> None:
+        self.images = split.images.to(device)
+        self.labels = split.labels.to(device)
+        self.device = device
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+        indices = indices.to(self.device)
+        for start in range(0, len(indices), batch_size):
+            chosen = indices[start : start + batch_size]
+            images = self.augment(self.images[chosen])
+            images = (images.float().div_(255) - self.mean) / self.std
+            yield images.contiguous(memory_format=self.memory_format), self.labels[chosen]
+
+    def augment(self, images: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = images.shape
+        if self.crop_padding:
+            pad = self.crop_padding
+            padded = F.pad(images, (pad, pad, pad, pad))
+            shifts = torch.randint(
+                0, 2 * pad + 1, (2, batch), device=self.device, generator=self.generator
+            )
+            rows = shifts[0, :, None] + torch.arange(height, device=self.device)
+            cols = shifts[1, :, None] + torch.arange(width, device=self.device)
+            images = padded[
+                torch.arange(batch, device=self.device)[:, None, None, None],
+                torch.arange(images.shape[1], device=self.device)[None, :, None, None],
+                rows[:, None, :, None],
+                cols[:, None, None, :],
+            ]
+        if self.flip:
+            flipped = torch.rand(batch, device=self.device, generator=self.generator) < 0.5
+            images = torch.where(flipped[:, None, None, None], images.flip(3), images)
+        return images
+
+
+@dataclass
+class LongTailData:
+    """A loaded long-tailed data set: its splits, classes, shot groups and provenance.
+
+    Shot groups follow the literature: many = more than ``many_above`` training images,
+    few = fewer than ``few_below``, medium = the rest. ``canonical`` is False when the files
+    differ from the official release; ``provenance`` records what identifies the data
+    (checksums, list hashes) and is logged with every run.
+    """
+
+    name: str
+    class_names: list[str]
+    train: Split
+    test: Split
+    val: Split | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    in_chans: int = 3
+    many_above: int = 100
+    few_below: int = 20
+    canonical: bool = True
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> str:
+        """``canonical``, or a hash of the provenance of files that differ from the release."""
+        if self.canonical:
+            return "canonical"
+        text = json.dumps(self.provenance, sort_keys=True)
+        return "noncanonical-" + hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def class_counts(self) -> torch.Tensor:
+        return torch.bincount(self.train.labels, minlength=self.num_classes)
+
+    @property
+    def shot_groups(self) -> dict[str, list[int]]:
+        return shot_groups(self.class_counts, self.many_above, self.few_below)
+
+
+def shot_groups(class_counts: torch.Tensor, many_above: int = 100,
+                few_below: int = 20) -> dict[str, list[int]]:
+    """Class ids of the many / medium / few-shot groups (a group may be empty)."""
+    counts = class_counts.tolist()
+    return {
+        "many": [c for c, n in enumerate(counts) if n > many_above],
+        "medium": [c for c, n in enumerate(counts) if few_below <= n <= many_above],
+        "few": [c for c, n in enumerate(counts) if n < few_below],
+    }
+
+
+def exponential_profile(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
+    """Per-class counts ``int(n_max * (1 / rho) ** (i / (C - 1)))``, the standard LT profile."""
+    return [
+        int(n_max * (1 / imbalance_ratio) ** (i / (num_classes - 1))) for i in range(num_classes)
+    ]
+
+
+def epoch_indices(labels: torch.Tensor, num_classes: int, sampling: ClassSampling | None,
+                  epoch: int, seed: int) -> torch.Tensor:
+    """The training sample order of one epoch, identical on every rank.
+
+    Without a class sampling this is a seeded permutation. With one, ``len(labels)`` draws
+    with replacement where each class is drawn with probability ``sampling(epoch)[c]`` and
+    instances within a class uniformly.
+    """
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if sampling is None:
+        return torch.randperm(len(labels), generator=generator)
+    class_probs = torch.as_tensor(sampling(epoch), dtype=torch.float64)
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    if class_probs.shape != (num_classes,) or (class_probs < 0).any():
+        raise ValueError(f"class sampling must give {num_classes} non-negative probabilities")
+    weights = (class_probs / counts.clamp(min=1))[labels]
+    return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
+
+
+class DatasetPlugin:
+    """Base class of data set plugins; the contract is in :class:`DatasetRegistry`."""
+
+    def defaults(self) -> dict[str, Any]:
+        """Config layer this data set brings: its default backbone and recipe."""
+        return {}
+
+    def load(self, *, root: str | None, download: bool, allow_noncanonical: bool) -> LongTailData:
+        raise NotImplementedError
+
+
+class DatasetRegistry(Registry):
+    """Data set plugins.
+
+    Contract. A data set plugin is a subclass of :class:`DatasetPlugin` whose docstring's first
+    line says what it is. Its options (imbalance ratio, split seed, ...) are keyword arguments
+    of ``__init__``, typed and with defaults. It implements:
+
+    ``defaults()``
+        A config layer with its default backbone and recipe, e.g.
+        ``{"model": {"name": "resnet32"}, "recipe": {"epochs": 200, ...}}``.
+    ``load(root=, download=, allow_noncanonical=)``
+        Build the splits and return a :class:`LongTailData`: train / val / test splits,
+        class names, normalisation, shot-group thresholds, whether the files are the canonical
+        release and their provenance. Missing or wrong files raise DataError saying what to
+        fetch and where; files that differ from the official release are refused unless
+        ``allow_noncanonical``, and are then marked ``canonical=False``.
+    """
+
+    kind = "data set"
+    group = "ltbench.datasets"
+    builtin = "ltbench.datasets"
+
+    def check(self, name: str, plugin: Any) -> None:
+        if not (inspect.isclass(plugin) and issubclass(plugin, DatasetPlugin)):
+            raise PluginError(f"data set {name!r} must subclass ltbench.data.DatasetPlugin")
+        if not (plugin.__doc__ or "").strip():
+            raise PluginError(f"data set {name!r} needs a docstring saying what it is")
+        if plugin.load is DatasetPlugin.load:
+            raise PluginError(f"data set {name!r} must implement load()")
+        check_options("data set", name, plugin.__init__)
+
+
+DATASETS = DatasetRegistry()

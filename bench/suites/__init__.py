@@ -1,0 +1,1 @@
+"""Packaged suite files (YAML); ``ltbench list suites`` shows them."""
