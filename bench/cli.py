@@ -35,26 +35,43 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ltbench", description="Benchmark harness for long-tailed image recognition."
     )
     parser.add_argument("--version", action="version", version=f"ltbench {ltbench.__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=1,
-                        help="-v: a line per epoch and the test metrics of each run; -vv: debug")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=1,
+        help="-v: a line per epoch and the test metrics of each run; -vv: debug",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a suite and print its leaderboard")
-    run.add_argument("suite", nargs="?", default="default",
-                     help="a packaged suite name or a suite YAML file (default: default)")
-    run.add_argument("overrides", nargs="*", metavar="key=value",
-                     help="suite fields (seeds=[0], methods=[ce]) or run config "
-                          "(recipe.epochs=5, tracking.uri=...)")
+    run.add_argument(
+        "suite",
+        nargs="?",
+        default="default",
+        help="a packaged suite name or a suite YAML file (default: default)",
+    )
+    run.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="suite fields (seeds=[0], methods=[ce]) or run config "
+        "(recipe.epochs=5, tracking.uri=...)",
+    )
     run.add_argument("--format", choices=FORMATS, default="markdown")
     run.set_defaults(handler=cmd_run)
 
     board = commands.add_parser("leaderboard", help="print the leaderboard of tracked runs")
-    board.add_argument("--experiment", action="append",
-                       help="experiment name (repeatable; default: every experiment)")
+    board.add_argument(
+        "--experiment",
+        action="append",
+        help="experiment name (repeatable; default: every experiment)",
+    )
     board.add_argument("--format", choices=FORMATS, default="markdown")
     board.add_argument("--out", type=Path, help="write to this file instead of stdout")
-    board.add_argument("--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, "
-                                              "else ./mlflow.db)")
+    board.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     board.set_defaults(handler=cmd_leaderboard)
 
     listing = commands.add_parser("list", help="list registered methods, data sets, models")
@@ -71,6 +88,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ltbench.suite import load_suite, run_suite
     from ltbench.tracking import Tracker
 
+    if "=" in args.suite:  # `ltbench run key=value ...` runs the default suite
+        args.overrides.insert(0, args.suite)
+        args.suite = "default"
     suite, run_layer = load_suite(args.suite, args.overrides)
     result = run_suite(suite, run_layer)
     tracker = Tracker(run_layer.get("tracking", {}).get("uri"))

@@ -199,8 +199,10 @@ def resolve_run(layers: list[Layer]) -> RunConfig:
     dataset_options = resolve_options(
         "data set", dataset_name, dataset_cls.__init__, dict(first.dataset.options)
     )
-    dataset_layer = ("the defaults of data set " + dataset_name, dataset_cls(**dataset_options)
-                     .defaults())
+    dataset_layer = (
+        "the defaults of data set " + dataset_name,
+        dataset_cls(**dataset_options).defaults(),
+    )
     merged = merge_layers(RunConfig, [dataset_layer, *layers])
     try:
         config: RunConfig = OmegaConf.to_object(merged)

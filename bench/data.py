@@ -27,8 +27,18 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def loader(self, *, train: bool, recipe: Any, mean: tuple, std: tuple, device: torch.device,
-               seed: int, channels_last: bool = False, num_workers: int = 0) -> Loader:
+    def loader(
+        self,
+        *,
+        train: bool,
+        recipe: Any,
+        mean: tuple,
+        std: tuple,
+        device: torch.device,
+        seed: int,
+        channels_last: bool = False,
+        num_workers: int = 0,
+    ) -> Loader:
         """A loader for this split; ``train`` turns on the recipe's augmentation."""
         raise NotImplementedError
 
@@ -51,10 +61,23 @@ class TensorSplit(Split):
         assert self.images.dtype == torch.uint8 and self.images.ndim == 4
         assert len(self.images) == len(self.labels)
 
-    def loader(self, *, train: bool, recipe: Any, mean: tuple, std: tuple, device: torch.device,
-               seed: int, channels_last: bool = False, num_workers: int = 0) -> TensorLoader:
+    def loader(
+        self,
+        *,
+        train: bool,
+        recipe: Any,
+        mean: tuple,
+        std: tuple,
+        device: torch.device,
+        seed: int,
+        channels_last: bool = False,
+        num_workers: int = 0,
+    ) -> TensorLoader:
         return TensorLoader(
-            self, device, mean, std,
+            self,
+            device,
+            mean,
+            std,
             crop_padding=recipe.crop_padding if train else 0,
             flip=recipe.flip if train else False,
             channels_last=channels_last,
@@ -69,8 +92,18 @@ class TensorLoader(Loader):
     batch, so there is no per-image Python work and no worker process.
     """
 
-    def __init__(self, split: TensorSplit, device: torch.device, mean: tuple, std: tuple, *,
-                 crop_padding: int, flip: bool, channels_last: bool, seed: int) -> None:
+    def __init__(
+        self,
+        split: TensorSplit,
+        device: torch.device,
+        mean: tuple,
+        std: tuple,
+        *,
+        crop_padding: int,
+        flip: bool,
+        channels_last: bool,
+        seed: int,
+    ) -> None:
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.device = device
@@ -156,8 +189,9 @@ class LongTailData:
         return shot_groups(self.class_counts, self.many_above, self.few_below)
 
 
-def shot_groups(class_counts: torch.Tensor, many_above: int = 100,
-                few_below: int = 20) -> dict[str, list[int]]:
+def shot_groups(
+    class_counts: torch.Tensor, many_above: int = 100, few_below: int = 20
+) -> dict[str, list[int]]:
     """Class ids of the many / medium / few-shot groups (a group may be empty)."""
     counts = class_counts.tolist()
     return {
@@ -174,8 +208,9 @@ def exponential_profile(n_max: int, num_classes: int, imbalance_ratio: float) ->
     ]
 
 
-def epoch_indices(labels: torch.Tensor, num_classes: int, sampling: ClassSampling | None,
-                  epoch: int, seed: int) -> torch.Tensor:
+def epoch_indices(
+    labels: torch.Tensor, num_classes: int, sampling: ClassSampling | None, epoch: int, seed: int
+) -> torch.Tensor:
     """The training sample order of one epoch, identical on every rank.
 
     Without a class sampling this is a seeded permutation. With one, ``len(labels)`` draws

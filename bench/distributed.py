@@ -42,7 +42,9 @@ def choose_device(preference: str) -> torch.device:
     """``auto``: this rank's GPU when there is one, else the CPU; or the device named."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if preference == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        )
     device = torch.device(preference)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank)

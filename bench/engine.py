@@ -75,15 +75,28 @@ class Stage:
 class Evaluator:
     """Evaluates a model on one split, each image counted once over all ranks."""
 
-    def __init__(self, split: Split, data: LongTailData, dist: Dist, settings: TrainConfig,
-                 batch_size: int, recipe: RecipeConfig) -> None:
+    def __init__(
+        self,
+        split: Split,
+        data: LongTailData,
+        dist: Dist,
+        settings: TrainConfig,
+        batch_size: int,
+        recipe: RecipeConfig,
+    ) -> None:
         self.split = split
         self.num_classes = data.num_classes
         self.dist = dist
         self.batch_size = batch_size
         self.loader = split.loader(
-            train=False, recipe=recipe, mean=data.mean, std=data.std, device=dist.device,
-            seed=0, channels_last=settings.channels_last, num_workers=settings.num_workers,
+            train=False,
+            recipe=recipe,
+            mean=data.mean,
+            std=data.std,
+            device=dist.device,
+            seed=0,
+            channels_last=settings.channels_last,
+            num_workers=settings.num_workers,
         )
 
     @torch.no_grad()
@@ -102,21 +115,35 @@ class Evaluator:
         return ClassTally(tally[0].cpu(), tally[1].cpu())
 
 
-def train_stage(model: nn.Module, data: LongTailData, stage: Stage, settings: TrainConfig,
-                dist: Dist, run_log: RunLog, seed: int,
-                on_eval: Callable[[int], None] | None = None) -> None:
+def train_stage(
+    model: nn.Module,
+    data: LongTailData,
+    stage: Stage,
+    settings: TrainConfig,
+    dist: Dist,
+    run_log: RunLog,
+    seed: int,
+    on_eval: Callable[[int], None] | None = None,
+) -> None:
     """Train ``model`` in place for one stage, logging per-epoch metrics with their epoch as
     step; ``on_eval(epoch)`` is called every ``settings.eval_every`` epochs (not the last)."""
     recipe, ctx, method = stage.recipe, stage.ctx, stage.method
     loader = data.train.loader(
-        train=True, recipe=recipe, mean=data.mean, std=data.std, device=dist.device,
-        seed=seed * 1000 + dist.rank, channels_last=settings.channels_last,
+        train=True,
+        recipe=recipe,
+        mean=data.mean,
+        std=data.std,
+        device=dist.device,
+        seed=seed * 1000 + dist.rank,
+        channels_last=settings.channels_last,
         num_workers=settings.num_workers,
     )
     loss_fn = method.build_loss(ctx)
     sampling = method.class_sampling(ctx)
     optimizer = torch.optim.SGD(
-        param_groups(model, recipe.weight_decay), lr=recipe.lr, momentum=recipe.momentum,
+        param_groups(model, recipe.weight_decay),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
         nesterov=recipe.nesterov,
     )
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -152,11 +179,13 @@ def train_stage(model: nn.Module, data: LongTailData, stage: Stage, settings: Tr
             first_bad = torch.where(
                 (first_bad < 0) & ~torch.isfinite(detached), float(step), first_bad
             )
-            totals += torch.stack([
-                detached * len(labels),
-                (logits.detach().argmax(1) == labels).sum(),
-                torch.tensor(len(labels), device=dist.device),
-            ]).double()
+            totals += torch.stack(
+                [
+                    detached * len(labels),
+                    (logits.detach().argmax(1) == labels).sum(),
+                    torch.tensor(len(labels), device=dist.device),
+                ]
+            ).double()
 
         check_finite(first_bad, dist, epoch)
         totals = dist.all_reduce_sum(totals)
@@ -168,12 +197,20 @@ def train_stage(model: nn.Module, data: LongTailData, stage: Stage, settings: Tr
         run_log.log_metrics(metrics, step=epoch + 1)
         if dist.is_main and (epoch + 1 == recipe.epochs or (epoch + 1) % settings.log_every == 0):
             log.info(
-                "%s epoch %d/%d: loss %.4f, train acc %.2f%%, lr %.5f (%.1f s)", ctx.stage,
-                epoch + 1, recipe.epochs, metrics["train_loss"], metrics["train_acc"], lr,
+                "%s epoch %d/%d: loss %.4f, train acc %.2f%%, lr %.5f (%.1f s)",
+                ctx.stage,
+                epoch + 1,
+                recipe.epochs,
+                metrics["train_loss"],
+                metrics["train_acc"],
+                lr,
                 time.perf_counter() - started,
             )
-        if on_eval and settings.eval_every and (epoch + 1) % settings.eval_every == 0 and (
-            epoch + 1 < recipe.epochs
+        if (
+            on_eval
+            and settings.eval_every
+            and (epoch + 1) % settings.eval_every == 0
+            and (epoch + 1 < recipe.epochs)
         ):
             on_eval(epoch + 1)
 

@@ -17,8 +17,12 @@ from tabulate import tabulate
 
 from ltbench.tracking import FINISHED, Tracker
 
-METRICS = {"all": "test_acc", "many": "test_acc_many", "medium": "test_acc_medium",
-           "few": "test_acc_few"}
+METRICS = {
+    "all": "test_acc",
+    "many": "test_acc_many",
+    "medium": "test_acc_medium",
+    "few": "test_acc_few",
+}
 GROUP_KEYS = ["dataset", "method", "backbone", "fingerprint"]
 FORMATS = ("markdown", "csv", "latex", "html", "json")
 NONCANONICAL_MARK = "†"
@@ -35,12 +39,16 @@ class Leaderboard:
     def footnotes(self) -> list[str]:
         notes = []
         if self.excluded:
-            parts = ", ".join(f"{n} {status.lower()}" for status, n in sorted(self.excluded.items()))
+            parts = ", ".join(
+                f"{n} {status.lower()}" for status, n in sorted(self.excluded.items())
+            )
             total = sum(self.excluded.values())
             notes.append(f"{total} unfinished or failed run(s) left out ({parts}).")
         if len(self.rows) and not self.rows["canonical"].astype(bool).all():
-            notes.append(f"{NONCANONICAL_MARK} non-canonical data: the files differ from the "
-                         "official release; not comparable with published numbers.")
+            notes.append(
+                f"{NONCANONICAL_MARK} non-canonical data: the files differ from the "
+                "official release; not comparable with published numbers."
+            )
         notes.append("Top-1 accuracy (%) on the test split, mean ± std over seeds, last epoch.")
         return notes
 
@@ -60,8 +68,9 @@ def collect(tracker: Tracker, experiments: list[str] | None = None) -> tuple[pd.
     return runs, excluded
 
 
-def build(runs: pd.DataFrame, excluded: dict[str, int] | None = None,
-          fingerprints: set[str] | None = None) -> Leaderboard:
+def build(
+    runs: pd.DataFrame, excluded: dict[str, int] | None = None, fingerprints: set[str] | None = None
+) -> Leaderboard:
     """Aggregate runs into the leaderboard, optionally only the given fingerprints."""
     columns = ["dataset", "method", "backbone", "fingerprint", "seeds", "canonical"]
     columns += [f"{name}_{stat}" for name in METRICS for stat in ("mean", "std")]
@@ -69,13 +78,17 @@ def build(runs: pd.DataFrame, excluded: dict[str, int] | None = None,
         return Leaderboard(pd.DataFrame(columns=columns), excluded or {})
     if fingerprints is not None:
         runs = runs[runs["tags.fingerprint"].isin(fingerprints)]
-    frame = pd.DataFrame({
-        "dataset": runs.get("tags.dataset_label", runs["tags.dataset"]).fillna(runs["tags.dataset"]),
-        "method": runs["tags.method"],
-        "backbone": runs["tags.backbone"],
-        "fingerprint": runs["tags.fingerprint"],
-        "canonical": runs.get("tags.data_canonical", "true") != "false",
-    })
+    frame = pd.DataFrame(
+        {
+            "dataset": runs.get("tags.dataset_label", runs["tags.dataset"]).fillna(
+                runs["tags.dataset"]
+            ),
+            "method": runs["tags.method"],
+            "backbone": runs["tags.backbone"],
+            "fingerprint": runs["tags.fingerprint"],
+            "canonical": runs.get("tags.data_canonical", "true") != "false",
+        }
+    )
     for name, metric in METRICS.items():
         frame[name] = runs.get(f"metrics.{metric}", pd.Series(np.nan, index=runs.index))
     rows = []
@@ -103,16 +116,20 @@ def display_rows(board: Leaderboard, plus_minus: str = "±") -> list[list[str]]:
     rows = []
     for _, row in board.rows.iterrows():
         mark = "" if row["canonical"] else f" {NONCANONICAL_MARK}"
-        rows.append([
-            f"{row['dataset']}{mark}", row["method"], row["backbone"], row["fingerprint"][:8],
-            str(row["seeds"]),
-            *(_cell(row[f"{name}_mean"], row[f"{name}_std"], plus_minus) for name in METRICS),
-        ])
+        rows.append(
+            [
+                f"{row['dataset']}{mark}",
+                row["method"],
+                row["backbone"],
+                row["fingerprint"][:8],
+                str(row["seeds"]),
+                *(_cell(row[f"{name}_mean"], row[f"{name}_std"], plus_minus) for name in METRICS),
+            ]
+        )
     return rows
 
 
-HEADERS = ["data set", "method", "backbone", "fingerprint", "seeds", "all", "many", "medium",
-           "few"]
+HEADERS = ["data set", "method", "backbone", "fingerprint", "seeds", "all", "many", "medium", "few"]
 
 
 def render(board: Leaderboard, fmt: str = "markdown") -> str:
@@ -121,14 +138,20 @@ def render(board: Leaderboard, fmt: str = "markdown") -> str:
         return board.rows.to_csv(index=False, float_format="%.4f")
     if fmt == "json":
         records = json.loads(board.rows.to_json(orient="records", double_precision=4))
-        return json.dumps({"rows": records, "excluded": board.excluded,
-                           "notes": board.footnotes}, indent=2) + "\n"
+        return (
+            json.dumps(
+                {"rows": records, "excluded": board.excluded, "notes": board.footnotes}, indent=2
+            )
+            + "\n"
+        )
     if fmt == "markdown":
         table = tabulate(display_rows(board), HEADERS, tablefmt="github", disable_numparse=True)
         return table + "\n\n" + "\n".join(board.footnotes) + "\n"
     if fmt == "latex":
-        rows = [[cell.replace("_", r"\_").replace(NONCANONICAL_MARK, r"$^\dagger$")
-                 for cell in row] for row in display_rows(board, r"$\pm$")]
+        rows = [
+            [cell.replace("_", r"\_").replace(NONCANONICAL_MARK, r"$^\dagger$") for cell in row]
+            for row in display_rows(board, r"$\pm$")
+        ]
         table = tabulate(rows, HEADERS, tablefmt="latex_raw", disable_numparse=True)
         notes = " ".join(board.footnotes).replace(NONCANONICAL_MARK, r"$^\dagger$")
         return table + "\n% " + notes + "\n"

@@ -42,16 +42,22 @@ def summarize(tally: ClassTally, groups: dict[str, list[int]], prefix: str) -> d
     return metrics
 
 
-def per_class_table(tally: ClassTally, class_counts: torch.Tensor, class_names: list[str],
-                    groups: dict[str, list[int]]) -> pd.DataFrame:
+def per_class_table(
+    tally: ClassTally,
+    class_counts: torch.Tensor,
+    class_names: list[str],
+    groups: dict[str, list[int]],
+) -> pd.DataFrame:
     """One row per class: its training count, shot group and test accuracy."""
     group_of = {c: group for group, members in groups.items() for c in members}
-    return pd.DataFrame({
-        "class": range(len(class_names)),
-        "name": class_names,
-        "train_count": class_counts.tolist(),
-        "shot_group": [group_of[c] for c in range(len(class_names))],
-        "test_count": tally.total.tolist(),
-        "test_correct": tally.correct.tolist(),
-        "test_accuracy": (100.0 * tally.per_class_accuracy).round(decimals=4).tolist(),
-    })
+    return pd.DataFrame(
+        {
+            "class": range(len(class_names)),
+            "name": class_names,
+            "train_count": class_counts.tolist(),
+            "shot_group": [group_of[c] for c in range(len(class_names))],
+            "test_count": tally.total.tolist(),
+            "test_correct": tally.correct.tolist(),
+            "test_accuracy": (100.0 * tally.per_class_accuracy).round(decimals=4).tolist(),
+        }
+    )

@@ -75,8 +75,9 @@ class CifarResNet(nn.Module):
     network and gives different numbers.
     """
 
-    def __init__(self, depth: int, in_chans: int = 3, width: int = 16,
-                 shortcut: Literal["A", "B"] = "A") -> None:
+    def __init__(
+        self, depth: int, in_chans: int = 3, width: int = 16, shortcut: Literal["A", "B"] = "A"
+    ) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ConfigError(f"CIFAR ResNet depth must be 6n+2 (8, 20, 32, ...), not {depth}")
@@ -135,6 +136,7 @@ class ModelRegistry(Registry):
 
     def get(self, name: str) -> Any:
         if name.startswith(TIMM_PREFIX):
+            check_timm_name(name[len(TIMM_PREFIX) :])
             return timm_model
         return super().get(name)
 
@@ -145,27 +147,38 @@ class ModelRegistry(Registry):
         """Validated options with defaults; timm models take timm's own keyword arguments."""
         if name.startswith(TIMM_PREFIX):
             return dict(given)
-        return resolve_options("model", name, self.get(name), given, skip=("num_classes", "in_chans"))
+        return resolve_options(
+            "model", name, self.get(name), given, skip=("num_classes", "in_chans")
+        )
 
-    def build(self, name: str, num_classes: int, in_chans: int,
-              options: dict[str, Any]) -> ImageClassifier:
+    def build(
+        self, name: str, num_classes: int, in_chans: int, options: dict[str, Any]
+    ) -> ImageClassifier:
         options = self.resolve_options(name, options)
         if name.startswith(TIMM_PREFIX):
-            return timm_model(num_classes, in_chans, name=name[len(TIMM_PREFIX):], **options)
+            return timm_model(num_classes, in_chans, name=name[len(TIMM_PREFIX) :], **options)
         return self.get(name)(num_classes=num_classes, in_chans=in_chans, **options)
 
 
 MODELS = ModelRegistry()
 
 
+def check_timm_name(name: str) -> None:
+    import difflib
+
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        hint = f" (close matches: {', '.join(close)})" if close else ""
+        raise PluginError(f"timm has no model {name!r}{hint}; timm.list_models() lists them all")
+
+
 def timm_model(num_classes: int, in_chans: int, name: str = "", **options: Any) -> ImageClassifier:
     """Any timm model, built untrained, as the backbone."""
     import timm
 
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name}*")[:5]
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise PluginError(f"timm has no model {name!r}{hint}; see timm.list_models()")
+    check_timm_name(name)
     try:
         backbone = timm.create_model(
             name, pretrained=False, num_classes=0, in_chans=in_chans, **options
@@ -178,8 +191,9 @@ def timm_model(num_classes: int, in_chans: int, name: str = "", **options: Any) 
 
 
 def _register_cifar_resnet(depth: int, note: str) -> None:
-    def factory(num_classes: int, in_chans: int = 3, width: int = 16,
-                shortcut: Literal["A", "B"] = "A") -> ImageClassifier:
+    def factory(
+        num_classes: int, in_chans: int = 3, width: int = 16, shortcut: Literal["A", "B"] = "A"
+    ) -> ImageClassifier:
         backbone = CifarResNet(depth, in_chans, width, shortcut)
         return kaiming_init(ImageClassifier(backbone, backbone.num_features, num_classes))
 

@@ -64,9 +64,7 @@ class Registry:
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, self.names(), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        return (
-            f"unknown {self.kind} {name!r}{hint}; valid {self.kind}s: {', '.join(self.names())}"
-        )
+        return f"unknown {self.kind} {name!r}{hint}; valid {self.kind}s: {', '.join(self.names())}"
 
     def names(self) -> list[str]:
         self.load()
@@ -106,7 +104,8 @@ def keyword_options(factory: Callable, skip: tuple[str, ...] = ()) -> dict[str, 
     return {
         name: parameter
         for name, parameter in parameters.items()
-        if name not in skip and name != "self"
+        if name not in skip
+        and name != "self"
         and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
     }
 
@@ -133,9 +132,12 @@ def resolve_options(
     from ltbench.errors import ConfigError
 
     options = keyword_options(factory, skip)
-    valid = ", ".join(
-        f"{option}: {_type_name(p.annotation)} = {p.default!r}" for option, p in options.items()
-    ) or "none"
+    valid = (
+        ", ".join(
+            f"{option}: {_type_name(p.annotation)} = {p.default!r}" for option, p in options.items()
+        )
+        or "none"
+    )
     unknown = sorted(set(given) - set(options))
     if unknown:
         close = difflib.get_close_matches(unknown[0], list(options), n=1)

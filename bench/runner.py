@@ -25,8 +25,15 @@ import torch.distributed
 from torch import nn
 
 import ltbench
-from ltbench.config import MethodConfig, RecipeConfig, RunConfig, fingerprint, flatten, to_dict
-from ltbench.config import to_yaml
+from ltbench.config import (
+    MethodConfig,
+    RecipeConfig,
+    RunConfig,
+    fingerprint,
+    flatten,
+    to_dict,
+    to_yaml,
+)
 from ltbench.data import DATASETS, LongTailData
 from ltbench.distributed import Dist, setup
 from ltbench.engine import Evaluator, Stage, train_stage
@@ -54,13 +61,15 @@ class RunOutcome:
 def load_data(config: RunConfig) -> LongTailData:
     plugin = DATASETS.get(config.dataset.name)(**config.dataset.options)
     return plugin.load(
-        root=config.data.root, download=config.data.download,
+        root=config.data.root,
+        download=config.data.download,
         allow_noncanonical=config.data.allow_noncanonical,
     )
 
 
-def execute(config: RunConfig, tracker: Tracker | None = None,
-            data: LongTailData | None = None) -> RunOutcome:
+def execute(
+    config: RunConfig, tracker: Tracker | None = None, data: LongTailData | None = None
+) -> RunOutcome:
     """Run ``config`` unless a finished run with its fingerprint and seed is in its experiment."""
     dist = setup(config.train.device)
     tracker = tracker or Tracker(config.tracking.uri)
@@ -75,8 +84,15 @@ def execute(config: RunConfig, tracker: Tracker | None = None,
     return _run(config, method, data, dist, tracker, experiment_id, run_fingerprint)
 
 
-def _run(config: RunConfig, method: Composed, data: LongTailData, dist: Dist, tracker: Tracker,
-         experiment_id: str, run_fingerprint: str) -> RunOutcome:
+def _run(
+    config: RunConfig,
+    method: Composed,
+    data: LongTailData,
+    dist: Dist,
+    tracker: Tracker,
+    experiment_id: str,
+    run_fingerprint: str,
+) -> RunOutcome:
     if method.second is None:
         body = functools.partial(_first_stage, config, method, data, dist)
         return _tracked(config, data, run_fingerprint, experiment_id, tracker, dist, body, {})
@@ -94,8 +110,16 @@ def _experiment(tracker: Tracker, name: str, dist: Dist) -> str:
     return tracker.experiment(name)
 
 
-def _tracked(config: RunConfig, data: LongTailData, run_fingerprint: str, experiment_id: str,
-             tracker: Tracker, dist: Dist, body: Any, extra_tags: dict[str, str]) -> RunOutcome:
+def _tracked(
+    config: RunConfig,
+    data: LongTailData,
+    run_fingerprint: str,
+    experiment_id: str,
+    tracker: Tracker,
+    dist: Dist,
+    body: Any,
+    extra_tags: dict[str, str],
+) -> RunOutcome:
     started = time.perf_counter()
     tags = run_tags(config, data, run_fingerprint, dist) | extra_tags
     name = f"{config.dataset.name}-{config.method.name}-{config.model.name}-s{config.seed}"
@@ -110,13 +134,18 @@ def _tracked(config: RunConfig, data: LongTailData, run_fingerprint: str, experi
         run_log.finish(status)
         raise
     run_log.finish(FINISHED)
-    return RunOutcome(run_log.run_id, run_fingerprint, metrics,
-                      seconds=time.perf_counter() - started, state=state)
+    return RunOutcome(
+        run_log.run_id, run_fingerprint, metrics, seconds=time.perf_counter() - started, state=state
+    )
 
 
-def run_tags(config: RunConfig, data: LongTailData, run_fingerprint: str,
-             dist: Dist) -> dict[str, str]:
-    options = ", ".join(f"{k}={v}" for k, v in config.dataset.options.items())
+def run_tags(
+    config: RunConfig, data: LongTailData, run_fingerprint: str, dist: Dist
+) -> dict[str, str]:
+    options = ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in config.dataset.options.items()
+    )
     return {
         "dataset": config.dataset.name,
         "dataset_label": f"{config.dataset.name} ({options})" if options else config.dataset.name,
@@ -139,12 +168,18 @@ def git_commit() -> str:
     source = Path(ltbench.__file__).resolve().parent
     try:
         commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
-            timeout=10, check=True,
+            ["git", "-C", str(source), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -157,17 +192,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _build_model(config: RunConfig, data: LongTailData, method: Composed,
-                 ctx: MethodContext) -> nn.Module:
+def _build_model(
+    config: RunConfig, data: LongTailData, method: Composed, ctx: MethodContext
+) -> nn.Module:
     model = MODELS.build(config.model.name, data.num_classes, data.in_chans, config.model.options)
     return method.adapt_model(model, ctx)
 
 
-def _context(config: RunConfig, data: LongTailData, dist: Dist, stage: str,
-             recipe: RecipeConfig) -> MethodContext:
+def _context(
+    config: RunConfig, data: LongTailData, dist: Dist, stage: str, recipe: RecipeConfig
+) -> MethodContext:
     return MethodContext(
-        num_classes=data.num_classes, class_counts=data.class_counts, epochs=recipe.epochs,
-        stage=stage, seed=config.seed, device=dist.device, recipe=recipe,
+        num_classes=data.num_classes,
+        class_counts=data.class_counts,
+        epochs=recipe.epochs,
+        stage=stage,
+        seed=config.seed,
+        device=dist.device,
+        recipe=recipe,
     )
 
 
@@ -178,8 +220,9 @@ def _to_device(model: nn.Module, config: RunConfig, dist: Dist) -> nn.Module:
     return model
 
 
-def _first_stage(config: RunConfig, method: Composed, data: LongTailData, dist: Dist,
-                 run_log: RunLog) -> tuple[dict[str, float], dict]:
+def _first_stage(
+    config: RunConfig, method: Composed, data: LongTailData, dist: Dist, run_log: RunLog
+) -> tuple[dict[str, float], dict]:
     seed_everything(config.seed)
     ctx = _context(config, data, dist, TRAIN_STAGE, config.recipe)
     model = _to_device(_build_model(config, data, method, ctx), config, dist)
@@ -187,12 +230,19 @@ def _first_stage(config: RunConfig, method: Composed, data: LongTailData, dist: 
     return _train_and_finish(config, data, dist, run_log, model, stage)
 
 
-def _second_stage(config: RunConfig, method: Composed, data: LongTailData, dist: Dist,
-                  stage1_state: dict, run_log: RunLog) -> tuple[dict[str, float], dict]:
+def _second_stage(
+    config: RunConfig,
+    method: Composed,
+    data: LongTailData,
+    dist: Dist,
+    stage1_state: dict,
+    run_log: RunLog,
+) -> tuple[dict[str, float], dict]:
     seed_everything(config.seed)
     first = method.first_stage()
-    model = _build_model(config, data, first, _context(config, data, dist, TRAIN_STAGE,
-                                                       config.recipe))
+    model = _build_model(
+        config, data, first, _context(config, data, dist, TRAIN_STAGE, config.recipe)
+    )
     model.load_state_dict(stage1_state)
     name, spec = method.second
     recipe = dataclasses.replace(config.recipe, epochs=max(spec.epochs, 1), **spec.recipe)
@@ -205,9 +255,15 @@ def _second_stage(config: RunConfig, method: Composed, data: LongTailData, dist:
     return _train_and_finish(config, data, dist, run_log, model, stage, train=spec.epochs > 0)
 
 
-def _train_and_finish(config: RunConfig, data: LongTailData, dist: Dist, run_log: RunLog,
-                      model: nn.Module, stage: Stage,
-                      train: bool = True) -> tuple[dict[str, float], dict]:
+def _train_and_finish(
+    config: RunConfig,
+    data: LongTailData,
+    dist: Dist,
+    run_log: RunLog,
+    model: nn.Module,
+    stage: Stage,
+    train: bool = True,
+) -> tuple[dict[str, float], dict]:
     """Train the stage, checkpoint, apply a post-hoc transform, evaluate on test, log it all."""
     batch = max(1, stage.recipe.batch_size // dist.world_size)
     test = Evaluator(data.test, data, dist, config.train, batch, stage.recipe)
@@ -233,8 +289,15 @@ def _train_and_finish(config: RunConfig, data: LongTailData, dist: Dist, run_log
     return metrics, state
 
 
-def _posthoc(model: nn.Module, data: LongTailData, dist: Dist, run_log: RunLog, stage: Stage,
-             config: RunConfig, batch: int) -> nn.Module:
+def _posthoc(
+    model: nn.Module,
+    data: LongTailData,
+    dist: Dist,
+    run_log: RunLog,
+    stage: Stage,
+    config: RunConfig,
+    batch: int,
+) -> nn.Module:
     component = stage.method.posthoc_component(stage.ctx.stage)
     if component is None:
         return model
@@ -251,8 +314,14 @@ def _posthoc(model: nn.Module, data: LongTailData, dist: Dist, run_log: RunLog, 
     return result.model
 
 
-def _stage1_state(config: RunConfig, method: Composed, data: LongTailData, dist: Dist,
-                  tracker: Tracker, experiment_id: str) -> RunOutcome:
+def _stage1_state(
+    config: RunConfig,
+    method: Composed,
+    data: LongTailData,
+    dist: Dist,
+    tracker: Tracker,
+    experiment_id: str,
+) -> RunOutcome:
     """The first stage's trained weights: from its finished run in the store (this experiment
     first, then any), or trained now as its own tracked run when there is none."""
     first = method.first_stage()
@@ -271,6 +340,9 @@ def _stage1_state(config: RunConfig, method: Composed, data: LongTailData, dist:
                 state = torch.load(path, map_location="cpu", weights_only=True)["model"]
             log.info("stage 1: reusing run %s", found.info.run_id)
             return RunOutcome(found.info.run_id, stage1_fingerprint, {}, True, state=state)
-    log.info("stage 1: no finished run with fingerprint %s, seed %d; training it first",
-             stage1_fingerprint, config.seed)
+    log.info(
+        "stage 1: no finished run with fingerprint %s, seed %d; training it first",
+        stage1_fingerprint,
+        config.seed,
+    )
     return _run(stage1_config, first, data, dist, tracker, experiment_id, stage1_fingerprint)

@@ -52,8 +52,9 @@ class SuiteResult:
 
 def packaged_suites() -> list[str]:
     folder = resources.files("ltbench.suites")
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir()
-                  if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def suite_text(name_or_path: str) -> tuple[str, str]:
@@ -122,11 +123,15 @@ def expand(suite: SuiteConfig, run_layer: Any) -> list[RunConfig]:
                     }
                     if model is not None:
                         entry["model"] = _entry(model, "models")
-                    runs.append(resolve_run([
-                        (f"suite {suite.name!r} (its config section)", suite.config),
-                        (f"suite {suite.name!r}", entry),
-                        ("the command line", run_layer),
-                    ]))
+                    runs.append(
+                        resolve_run(
+                            [
+                                (f"suite {suite.name!r} (its config section)", suite.config),
+                                (f"suite {suite.name!r}", entry),
+                                ("the command line", run_layer),
+                            ]
+                        )
+                    )
     return runs
 
 
@@ -141,13 +146,23 @@ def run_suite(suite: SuiteConfig, run_layer: Any) -> SuiteResult:
     data_cache: dict[str, Any] = {}
     outcomes, failures = [], []
     started = time.perf_counter()
-    log.info("suite %s: %d runs into experiment %r of %s", suite.name, len(runs),
-             runs[0].tracking.experiment, tracker.uri)
+    log.info(
+        "suite %s: %d runs into experiment %r of %s",
+        suite.name,
+        len(runs),
+        runs[0].tracking.experiment,
+        tracker.uri,
+    )
     for number, config in enumerate(runs, 1):
-        label = (f"[{number}/{len(runs)}] {config.dataset.name} {config.method.name} "
-                 f"{config.model.name} seed {config.seed}")
-        key = json.dumps([config.dataset.name, config.dataset.options, config.data.root],
-                         sort_keys=True, default=str)
+        label = (
+            f"[{number}/{len(runs)}] {config.dataset.name} {config.method.name} "
+            f"{config.model.name} seed {config.seed}"
+        )
+        key = json.dumps(
+            [config.dataset.name, config.dataset.options, config.data.root],
+            sort_keys=True,
+            default=str,
+        )
         try:
             if key not in data_cache:
                 data_cache[key] = load_data(config)
@@ -159,9 +174,12 @@ def run_suite(suite: SuiteConfig, run_layer: Any) -> SuiteResult:
         outcomes.append(outcome)
         elapsed = time.perf_counter() - started
         eta = elapsed / number * (len(runs) - number)
-        result = ("skipped, already finished" if outcome.skipped else
-                  f"acc {outcome.metrics.get('test_acc', float('nan')):.2f} "
-                  f"({outcome.seconds:.1f} s)")
+        result = (
+            "skipped, already finished"
+            if outcome.skipped
+            else f"acc {outcome.metrics.get('test_acc', float('nan')):.2f} "
+            f"({outcome.seconds:.1f} s)"
+        )
         log.info("%s: %s; elapsed %.0f s, about %.0f s to go", label, result, elapsed, eta)
     fingerprints = {o.fingerprint for o in outcomes}
     return SuiteResult(outcomes, failures, fingerprints, runs[0].tracking.experiment)

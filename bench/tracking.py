@@ -59,8 +59,13 @@ class Tracker:
                 ids.append(found.experiment_id)
         return ids
 
-    def finished_run(self, fingerprint: str, seed: int, experiment_ids: list[str],
-                     need_artifact: str | None = None) -> Any:
+    def finished_run(
+        self,
+        fingerprint: str,
+        seed: int,
+        experiment_ids: list[str],
+        need_artifact: str | None = None,
+    ) -> Any:
         """The newest finished run with this fingerprint and seed, if any (optionally only one
         that holds ``need_artifact``)."""
         if not experiment_ids:
@@ -93,8 +98,12 @@ class Tracker:
         """Every run of the experiments as one row: status, tags and latest metrics."""
         rows = []
         for run in self._all_runs(experiment_ids):
-            row = {"run_id": run.info.run_id, "status": run.info.status,
-                   "experiment_id": run.info.experiment_id, "end_time": run.info.end_time}
+            row = {
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "experiment_id": run.info.experiment_id,
+                "end_time": run.info.end_time,
+            }
             row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
             row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
             rows.append(row)

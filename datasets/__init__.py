@@ -1,3 +1,3 @@
-"""Built-in data set plugins; importing this package registers them with ``ltbench.data.DATASETS``."""
+"""Built-in data set plugins; importing this package registers them."""
 
 from ltbench.datasets import digits_lt  # noqa: F401

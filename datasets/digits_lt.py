@@ -7,7 +7,7 @@ first ``n_i`` of the rest the training set, with the exponential profile
 ``n_i = int(120 * (1 / imbalance_ratio) ** (i / 9))`` (class 0 largest).
 
 Shot groups are scaled to its size: many = more than 50 training images, medium = 20 to 50,
-few = fewer than 20. At the default ratio 50 the counts are 120 78 50 32 21 13 8 5 3 2:
+few = fewer than 20. At the default ratio 50 the counts are 120 77 50 32 21 13 8 5 3 2:
 2 many-shot, 3 medium-shot and 5 few-shot classes (at ratio 10: 4, 4 and 2).
 """
 
@@ -45,8 +45,14 @@ class DigitsLT(DatasetPlugin):
         return {
             "model": {"name": "resnet8"},
             "recipe": {
-                "epochs": 30, "batch_size": 64, "lr": 0.05, "weight_decay": 5e-4,
-                "schedule": "step", "warmup_epochs": 2, "crop_padding": 1, "flip": False,
+                "epochs": 30,
+                "batch_size": 64,
+                "lr": 0.05,
+                "weight_decay": 5e-4,
+                "schedule": "step",
+                "warmup_epochs": 2,
+                "crop_padding": 1,
+                "flip": False,
             },
         }
 
@@ -84,9 +90,14 @@ class DigitsLT(DatasetPlugin):
         return LongTailData(
             name="digits_lt",
             class_names=[str(d) for d in range(10)],
-            train=split("train"), val=split("val"), test=split("test"),
-            mean=(0.3053,), std=(0.3759,), in_chans=1,
-            many_above=50, few_below=20,
+            train=split("train"),
+            val=split("val"),
+            test=split("test"),
+            mean=(0.3053,),
+            std=(0.3759,),
+            in_chans=1,
+            many_above=50,
+            few_below=20,
             canonical=canonical,
             provenance={"source": "sklearn.datasets.load_digits", "sha256": digest},
         )
