@@ -44,9 +44,11 @@ class Split:
 
 
 class Loader:
-    """Feeds batches of a split: ``batches(indices, batch_size)`` yields (images, labels)."""
+    """Feeds batches of a split: ``batches(indices, batch_size, epoch)`` yields normalised
+    (images, labels) on the device. Augmentation randomness derives from the loader's seed and
+    ``epoch`` alone, so a run resumed at an epoch boundary draws exactly what it would have."""
 
-    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+    def batches(self, indices: torch.Tensor, batch_size: int, epoch: int = 0) -> Iterator[tuple]:
         raise NotImplementedError
 
 
@@ -112,10 +114,11 @@ class TensorLoader(Loader):
         self.crop_padding = crop_padding
         self.flip = flip
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.seed = seed
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
 
-    def batches(self, indices: torch.Tensor, batch_size: int) -> Iterator[tuple]:
+    def batches(self, indices: torch.Tensor, batch_size: int, epoch: int = 0) -> Iterator[tuple]:
+        self.generator.manual_seed(self.seed * 100_003 + epoch)
         indices = indices.to(self.device)
         for start in range(0, len(indices), batch_size):
             chosen = indices[start : start + batch_size]

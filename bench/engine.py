@@ -166,7 +166,7 @@ def train_stage(
         totals = torch.zeros(3, dtype=torch.float64, device=dist.device)
         first_bad = torch.full((1,), -1.0, dtype=torch.float64, device=dist.device)
         for step, (images, labels) in enumerate(
-            loader.batches(dist.shard(order, even=True), per_rank_batch)
+            loader.batches(dist.shard(order, even=True), per_rank_batch, epoch)
         ):
             if len(labels) < 2:
                 continue  # NOTE: BN cannot train on one image; a lone last image is skipped.
