@@ -231,12 +231,33 @@ def epoch_indices(
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
 
 
+@dataclass
+class DataFile:
+    """A file or folder a data set needs under its root, as ``ltbench data check`` found it.
+
+    ``status`` is ``ok`` (present and as released), ``differs`` (present, not the release),
+    ``missing`` or ``present`` (there, with nothing to compare it against).
+    """
+
+    path: str
+    status: str
+    detail: str = ""
+
+
 class DatasetPlugin:
     """Base class of data set plugins; the contract is in :class:`DatasetRegistry`."""
 
     def defaults(self) -> dict[str, Any]:
         """Config layer this data set brings: its default backbone and recipe."""
         return {}
+
+    def inventory(self, root: str | None) -> list[DataFile]:
+        """The files this data set needs under ``root`` and their state (none by default)."""
+        return []
+
+    def instructions(self, root: str | None) -> str:
+        """How to get this data set's files into ``root`` ("" when it needs none)."""
+        return ""
 
     def load(self, *, root: str | None, download: bool, allow_noncanonical: bool) -> LongTailData:
         raise NotImplementedError
@@ -258,6 +279,9 @@ class DatasetRegistry(Registry):
         release and their provenance. Missing or wrong files raise DataError saying what to
         fetch and where; files that differ from the official release are refused unless
         ``allow_noncanonical``, and are then marked ``canonical=False``.
+
+    Optionally, for ``ltbench data check``: ``inventory(root)`` lists the needed files with
+    their state (:class:`DataFile`), and ``instructions(root)`` says how to get them.
     """
 
     kind = "data set"
