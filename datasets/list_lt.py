@@ -267,7 +267,7 @@ class ListLT(DatasetPlugin):
             found.append(
                 DataFile(
                     f"images of {file}",
-                    "missing" if missing else "present",
+                    "missing" if missing else "ok",
                     f"{len(missing)} of {len(image_list)} missing{example}",
                 )
             )

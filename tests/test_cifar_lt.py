@@ -242,3 +242,48 @@ def test_canonical_and_noncanonical_runs_never_average(cifar_root, monkeypatch):
     monkeypatch.setattr(Cifar10LT, "release", pinned(CIFAR10, root))
     canonical = load("cifar10_lt", root, allow_noncanonical=False)
     assert fingerprint(config, canonical.identity) != fingerprint(config, noncanonical.identity)
+
+
+@pytest.mark.parametrize(("pad", "flip"), [(4, True), (1, False), (0, True)])
+def test_batch_augmentation_is_per_image_crop_and_flip(pad, flip):
+    from ltbench.config import RecipeConfig
+    from ltbench.data import TensorSplit
+
+    images = torch.randint(0, 256, (40, 3, 6, 5), dtype=torch.uint8)
+    split = TensorSplit(images, torch.zeros(40, dtype=torch.int64))
+    recipe = RecipeConfig(crop_padding=pad, flip=flip)
+    loader = split.loader(
+        train=True, recipe=recipe, mean=(0.0,) * 3, std=(1 / 255,) * 3, device="cpu", seed=2
+    )
+    order = torch.randperm(40)
+    (augmented, _), *_ = loader.batches(order, 40, epoch=3)
+
+    generator = torch.Generator().manual_seed(2 * 100_003 + 3)
+    shifts = torch.randint(0, 2 * pad + 1, (2, 40), generator=generator) if pad else None
+    flips = torch.rand(40, generator=generator) < 0.5 if flip else torch.zeros(40, dtype=bool)
+    padded = torch.nn.functional.pad(images[order], (pad,) * 4)
+    for b in range(40):
+        dy, dx = (int(shifts[0, b]), int(shifts[1, b])) if pad else (0, 0)
+        expected = padded[b, :, dy : dy + 6, dx : dx + 5]
+        expected = expected.flip(2) if flips[b] else expected
+        assert torch.allclose(augmented[b], expected.float(), atol=1e-3)
+    assert bool(flips.any()) == flip and not flips.all()  # the draws did vary
+
+
+def test_packaged_cifar_suites():
+    from ltbench.engine import lr_factor
+    from ltbench.suite import expand, load_suite
+
+    suite, layer = load_suite("cifar_lt", ["data.root=/data/cifar"])
+    runs = expand(suite, layer)
+    grid = {(r.dataset.name, r.dataset.options["imbalance_ratio"], r.seed) for r in runs}
+    assert len(runs) == len(grid) == 18
+    assert {rho for _, rho, _ in grid} == {100, 50, 10} and {s for *_, s in grid} == {0, 1, 2}
+    assert all(r.model.name == "resnet32" and r.recipe.epochs == 200 for r in runs)
+    assert "data.root=" in suite.description
+
+    suite, layer = load_suite("cifar_lt_cpu", ["data.root=/data/cifar"])
+    cpu = expand(suite, layer)
+    assert len(cpu) == 6 and all(r.model.name == "resnet8" for r in cpu)
+    assert [lr_factor(e, cpu[0].recipe) for e in range(3)] == [1.0, 1.0, 0.0001]
+    assert "data.root=" in suite.description
