@@ -78,7 +78,7 @@ def check(name: str, root: str | None, pairs: list[str] = ()) -> CheckReport:
 
     report.lines += describe(data)
     if data.canonical:
-        report.lines.append("canonical: yes, the files are the official release")
+        report.lines.append("canonical: yes, the files match the official release")
         report.usable = True
     else:
         report.usable = settings.allow_noncanonical

@@ -258,7 +258,7 @@ class ListLT(DatasetPlugin):
                 found.append(DataFile(file, "differs", str(error)))
                 continue
             problems = self.problems(split, image_list)
-            detail = f"{len(image_list)} lines, sha256 {image_list.sha256[:16]}"
+            detail = f"{len(image_list):,} lines, sha256 {image_list.sha256[:16]}"
             found.append(
                 DataFile(file, "differs" if problems else "ok", "; ".join([detail, *problems]))
             )
@@ -268,7 +268,7 @@ class ListLT(DatasetPlugin):
                 DataFile(
                     f"images of {file}",
                     "missing" if missing else "ok",
-                    f"{len(missing)} of {len(image_list)} missing{example}",
+                    f"{len(missing):,} of {len(image_list):,} missing{example}",
                 )
             )
         return found
