@@ -229,7 +229,6 @@ class FileLoader(Loader):
             collate_fn=_collate,
             pin_memory=device.type == "cuda",
             persistent_workers=num_workers > 0,
-            prefetch_factor=4 if num_workers > 0 else None,
         )
 
     def batches(self, indices: torch.Tensor, batch_size: int, epoch: int = 0) -> Iterator[tuple]:
