@@ -10,7 +10,9 @@ ROOT holds cifar-10-batches-py (the official release, or a copy such as the one
 cifar10-from-jpeg writes: a copy is non-canonical, which is fine for timing). Each figure is
 wall-clock over whole epochs as a training loop sees them, worker start-up included; the
 first epoch of each pipeline is a warm-up and is not counted unless --epochs is 1. --limit
-cuts each epoch to N images, for a quick check.
+cuts each epoch to N images, for a quick check. NOTE: on a machine shared with other jobs,
+torch's CPU threads spin against them and every CPU figure drops many times over; measure on
+an idle machine (or pass --threads 1 to see the uncontended single-thread rate).
 """
 
 from __future__ import annotations
@@ -149,7 +151,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="reference DataLoader workers")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs + 1 warm-up")
     parser.add_argument("--limit", type=int, help="images per epoch (default: all)")
+    parser.add_argument(
+        "--threads", type=int, help="torch threads of the main process (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     setup = (args.imbalance_ratio, device, args.batch_size)
     pipelines = {
