@@ -15,7 +15,11 @@ log = logging.getLogger("ltbench")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value pairs after an option land here; a command opts in to take them
+        if not (getattr(args, "extra_into", None) and all("=" in e for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, args.extra_into).extend(extra)
     logging.basicConfig(
         level=logging.WARNING - 10 * args.verbose, format="%(message)s", stream=sys.stderr
     )
@@ -77,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered methods, data sets, models")
     listing.add_argument("kind", nargs="?", choices=["methods", "datasets", "models", "suites"])
     listing.set_defaults(handler=cmd_list)
+
+    data = commands.add_parser("data", help="inspect a data set's files")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_check = data_commands.add_parser(
+        "check",
+        help="what is under ROOT: files, checksums, split sizes, classes, shot groups",
+    )
+    data_check.add_argument("name", help="a data set (ltbench list datasets)")
+    data_check.add_argument("--root", help="the data set's root folder (data.root of a run)")
+    data_check.add_argument(
+        "settings",
+        nargs="*",
+        metavar="key=value",
+        help="data set options (imbalance_ratio=50), data.allow_noncanonical=true, "
+        "data.download=true",
+    )
+    data_check.set_defaults(handler=cmd_data_check, extra_into="settings")
     return parser
 
 
@@ -150,6 +171,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         if kind == "models":
             sys.stdout.write(f"  {'timm/<name>':<16} any timm model, untrained, as the backbone\n")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ltbench.datacheck import check
+
+    report = check(args.name, args.root, args.settings)
+    sys.stdout.write(report.text)
+    return 0 if report.usable else 1
 
 
 if __name__ == "__main__":
