@@ -345,8 +345,9 @@ class SlurmRun:
     submitit calls ``checkpoint`` and requeues the job, which then resumes the run from its
     last checkpoint."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, threads: int | None = None) -> None:
         self.config = config
+        self.threads = threads
 
     def __call__(self) -> dict[str, Any] | None:
         import submitit
@@ -354,6 +355,9 @@ class SlurmRun:
         from ltbench.distributed import teardown
         from ltbench.runner import execute
 
+        threads = self.threads or int(os.environ.get("SLURM_CPUS_PER_TASK", 0))
+        if threads:
+            torch.set_num_threads(threads)
         environment = submitit.helpers.TorchDistributedEnvironment()
         environment.export(set_cuda_visible_devices=False, overwrite=True)
         try:
@@ -373,7 +377,7 @@ class SlurmRun:
     def checkpoint(self) -> Any:
         import submitit
 
-        return submitit.helpers.DelayedSubmission(SlurmRun(self.config))
+        return submitit.helpers.DelayedSubmission(SlurmRun(self.config, self.threads))
 
 
 class SubmititJob(Handle):
@@ -406,9 +410,7 @@ class SlurmLauncher:
         except ImportError:  # pragma: no cover - submitit is a dependency
             raise ConfigError("the slurm launcher needs submitit: pip install submitit") from None
         options = self.options
-        executor = submitit.AutoExecutor(
-            folder=self.workdir / "submitit" / "%j", cluster=options.cluster
-        )
+        executor = submitit.AutoExecutor(folder=self.workdir / "submitit", cluster=options.cluster)
         per_node = options.gpus_per_job
         on_cpu = executor.cluster in ("local", "debug") and not torch.cuda.is_available()
         parameters: dict[str, Any] = {
@@ -430,16 +432,19 @@ class SlurmLauncher:
 
     def run(self, jobs: list[Job]) -> Outcomes:
         executor = self.executor()
-        log.info("%s launcher: submitting %d jobs", executor.cluster, len(jobs))
+        log.info("submitit (%s): submitting %d jobs", executor.cluster, len(jobs))
         if not self.options.wait:
             return self.submit_all(executor, jobs)
+        parallel = self.options.jobs or len(jobs)
+        threads = None
+        if executor.cluster in ("local", "debug"):  # share this machine's cores
+            threads = max(1, (os.cpu_count() or 1) // (parallel * self.options.gpus_per_job))
 
         def start(job: Job, slot: Any) -> Handle:
-            submitted = executor.submit(SlurmRun(job.config))
+            submitted = executor.submit(SlurmRun(job.config, threads))
             log.info("%s: job %s", job.label, submitted.job_id)
             return SubmititJob(submitted)
 
-        parallel = self.options.jobs or len(jobs)
         poll_s = 1.0 if executor.cluster in ("local", "debug") else 30.0
         return schedule(jobs, [None] * parallel, start, poll_s)
 
