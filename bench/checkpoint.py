@@ -189,11 +189,12 @@ class Resume:
                 break  # not empty (another run's checkpoint), or already gone
 
     def restore(self, dist: Dist) -> dict[str, Any] | None:
-        """Rank 0's checkpoint on every rank, with this rank's RNG state under ``"rng"``."""
+        """Rank 0's checkpoint on every rank, with this rank's own RNG states and partial
+        sums under ``"rng"``, ``"totals"`` and ``"first_bad"``."""
         saved = dist.from_main(self.saved() if dist.is_main else None)
         if saved is None:
             return None
-        states = saved["rng"]
+        ranks = saved.pop("ranks")
         if saved["world_size"] != dist.world_size:
             log.warning(
                 "resuming a run checkpointed with %d processes on %d: its sample shards and "
@@ -201,7 +202,9 @@ class Resume:
                 saved["world_size"],
                 dist.world_size,
             )
-        saved["rng"] = states[dist.rank] if dist.rank < len(states) else states[0]
+        saved.update(ranks[dist.rank] if dist.rank < len(ranks) else ranks[0])
+        if dist.rank >= len(ranks) and saved["totals"] is not None:  # a new rank: nothing done
+            saved["totals"], saved["first_bad"] = saved["totals"] * 0, saved["first_bad"] * 0 - 1
         return saved
 
     def save(
@@ -212,8 +215,14 @@ class Resume:
         progress: Progress,
         metrics: dict[str, float] | None = None,
     ) -> None:
-        """Checkpoint the stage (a collective: every rank contributes its RNG state)."""
-        states = dist.gather(rng_state())
+        """Checkpoint the stage (a collective: every rank adds its RNG states and, mid-epoch,
+        its partial sums of the epoch)."""
+        own = {
+            "rng": rng_state(),
+            "totals": None if progress.totals is None else progress.totals.cpu(),
+            "first_bad": None if progress.first_bad is None else progress.first_bad.cpu(),
+        }
+        ranks = dist.gather(own)
         if not dist.is_main:
             return
         atomic_save(
@@ -221,13 +230,11 @@ class Resume:
                 "run_id": self.run_id,
                 "epoch": progress.epoch,
                 "step": progress.step,
-                "totals": progress.totals,
-                "first_bad": progress.first_bad,
                 "metrics": metrics or {},
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "world_size": dist.world_size,
-                "rng": states,
+                "ranks": ranks,
             },
             self.path,
         )

@@ -59,8 +59,14 @@ class Dist:
 
 
 def choose_device(preference: str) -> torch.device:
-    """``auto``: this rank's GPU when there is one, else the CPU; or the device named."""
+    """``auto``: this rank's GPU when there is one, else the CPU; or the device named.
+
+    This rank's GPU is number LOCAL_RANK of those it sees, modulo their number: a rank that
+    sees one GPU (SLURM binding a GPU to each task) takes that one.
+    """
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        local_rank %= torch.cuda.device_count()
     if preference == "auto":
         return (
             torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
