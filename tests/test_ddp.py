@@ -87,3 +87,12 @@ def test_sync_bn_converts_plain_batch_norm_only(store):
         sync_batch_norm(model, Dist(0, 1, torch.device("cpu")))
     with pytest.raises(ConfigError, match="needs CUDA"):
         execute(run_config("train.sync_bn=true"))
+
+
+def test_train_command_refuses_a_missing_config_file(store, capsys):
+    from ltbench.cli import main
+
+    assert main(["train", "--config", "missing.yaml", "seed=1"]) == 2
+    assert "run config file 'missing.yaml' does not exist" in capsys.readouterr().err
+    assert main(["train", "recipe.epoch=2"]) == 2
+    assert "unknown config key 'recipe.epoch'" in capsys.readouterr().err
