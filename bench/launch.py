@@ -4,7 +4,8 @@
     One after another in this process, each a DDP world of one (the default).
 ``local``
     A queue of jobs over this machine's GPUs. Each job is one run started by torchrun with
-    ``gpus_per_job`` processes, one per GPU; ``jobs`` of them run at once, and more jobs than
+    ``gpus_per_job`` processes, one per GPU (a single process is started directly: a world of
+    one); ``jobs`` of them run at once, and more jobs than
     GPU groups share the GPUs (several small jobs per GPU). Without GPUs it is a pool of
     ``jobs`` processes (``gpus_per_job`` CPU processes per run), the cores split among them.
 ``slurm``
@@ -238,7 +239,8 @@ def outcome_from(result: dict[str, Any]) -> RunOutcome:
 
 
 class LocalJob(Handle):
-    """One run as a torchrun process group on this machine, its output in a log file."""
+    """One run as a process group on this machine (torchrun's, for more than one process),
+    its output in a log file."""
 
     def __init__(self, job: Job, folder: Path, processes: int, env: dict[str, str]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -247,20 +249,12 @@ class LocalJob(Handle):
         self.result_file = folder / "result.json"
         self.result_file.unlink(missing_ok=True)
         self.log_file = folder / "log.txt"
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nnodes=1",
-            f"--nproc-per-node={processes}",
-            "-m",
-            "ltbench.train",
-            "--config",
-            str(config_file),
-            "--result",
-            str(self.result_file),
-        ]
+        command = [sys.executable, "-m"]
+        if processes > 1:  # a world of one needs no torchrun agent: the same code path, faster
+            command += ["torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+            command += ["-m"]
+        command += ["ltbench.train", "--config", str(config_file)]
+        command += ["--result", str(self.result_file)]
         with open(self.log_file, "ab") as output:
             self.process = subprocess.Popen(
                 command,
