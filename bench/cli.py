@@ -132,8 +132,8 @@ def add_launch_arguments(run: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--cluster",
-        help="submitit's cluster for --launcher slurm: slurm (default when sbatch is there) "
-        "or local (runs the jobs on this machine, to try a setup)",
+        help="submitit's cluster for --launcher slurm: slurm (default) or local (runs the "
+        "same jobs on this machine, to try a setup)",
     )
     group.add_argument(
         "--no-wait",

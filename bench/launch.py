@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,7 +59,7 @@ class LaunchOptions:
     gpus_per_job: int = 1  # GPUs per run (per node under slurm); CPU processes without GPUs
     nodes: int = 1  # slurm: nodes per run
     workdir: str = "ltbench-jobs"  # job configs, logs and results, submitit's files
-    cluster: str | None = None  # submitit's cluster: None (auto: slurm), "local", "debug"
+    cluster: str | None = None  # submitit's cluster: None (slurm), "local" (this machine)
     partition: str | None = None  # slurm partition
     time_min: int = 24 * 60  # slurm time limit per job, minutes
     cpus_per_task: int | None = None  # slurm
@@ -404,7 +405,13 @@ class SlurmLauncher:
         except ImportError:  # pragma: no cover - submitit is a dependency
             raise ConfigError("the slurm launcher needs submitit: pip install submitit") from None
         options = self.options
-        executor = submitit.AutoExecutor(folder=self.workdir / "submitit", cluster=options.cluster)
+        cluster = options.cluster or "slurm"
+        if cluster == "slurm" and shutil.which("sbatch") is None:
+            raise ConfigError(
+                "--launcher slurm found no sbatch here: run from a SLURM login node, or add "
+                "--cluster local to run the same jobs on this machine"
+            )
+        executor = submitit.AutoExecutor(folder=self.workdir / "submitit", cluster=cluster)
         per_node = options.gpus_per_job
         on_cpu = executor.cluster in ("local", "debug") and not torch.cuda.is_available()
         parameters: dict[str, Any] = {

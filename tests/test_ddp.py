@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from ltbench.data import epoch_indices
 from ltbench.distributed import Dist
 from ltbench.engine import sync_batch_norm
 from ltbench.errors import ConfigError
@@ -64,7 +65,13 @@ def test_two_process_run_logs_one_run_counting_every_test_image(store, tmp_path)
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_shards_cover_every_index_once(world_size):
-    indices = torch.arange(10)
+    labels = torch.tensor([0] * 7 + [1] * 2 + [2])
+    balanced = lambda epoch: torch.ones(3) / 3  # noqa: E731 - a class-balanced sampler
+    # every rank draws the same epoch order (then takes its shard), whatever the sampler
+    assert torch.equal(
+        epoch_indices(labels, 3, balanced, 4, 1), epoch_indices(labels, 3, balanced, 4, 1)
+    )
+    indices = epoch_indices(labels, 3, None, 4, 1)
     ranks = [Dist(rank, world_size, torch.device("cpu")) for rank in range(world_size)]
     uneven = torch.cat([dist.shard(indices, even=False) for dist in ranks])
     assert sorted(uneven.tolist()) == list(range(10))  # evaluation: every image exactly once

@@ -107,3 +107,10 @@ def test_local_slots_spread_jobs_over_gpus(monkeypatch, tmp_path):
         LocalLauncher(LaunchOptions("local", gpus_per_job=8), tmp_path).slots()
     with pytest.raises(ConfigError, match="unknown launcher 'pbs'"):
         LaunchOptions("pbs")
+
+
+def test_slurm_launcher_without_sbatch_says_what_to_do(store, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert main([*SUITE, "--launcher", "slurm"]) == 2
+    assert "found no sbatch here" in capsys.readouterr().err
+    assert store.client.search_runs(store.experiment_ids(["default"])) == []

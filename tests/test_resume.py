@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ltbench.checkpoint import INTERRUPTED_EXIT, Interrupted, atomic_save, rng_state, set_rng_state
+from ltbench.checkpoint import INTERRUPTED_EXIT, atomic_save, rng_state, set_rng_state
+from ltbench.cli import main
 from ltbench.method import METHODS, Method
 from ltbench.runner import execute
 
@@ -39,15 +40,12 @@ def checkpoint_file(root: Path) -> Path | None:
     return found[0] if found else None
 
 
-def wait_for_epoch(root: Path, process: subprocess.Popen, epoch: int) -> None:
+def wait_for_checkpoint(root: Path, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        path = checkpoint_file(root)
-        if path is not None and torch.load(path, weights_only=True)["epoch"] >= epoch:
-            return
+    while checkpoint_file(root) is None:
         assert process.poll() is None, "the run ended before it could be stopped"
-        time.sleep(0.02)
-    raise AssertionError("no checkpoint appeared")
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
 
 
 def train_process(root: Path, args: list[str]) -> subprocess.Popen:
@@ -55,35 +53,27 @@ def train_process(root: Path, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=root, stderr=subprocess.DEVNULL)
 
 
-def test_sigterm_then_sigkill_then_resume_equals_uninterrupted(store, tmp_path):
+def test_sigkill_then_resume_equals_uninterrupted(store, tmp_path):
     reference = execute(run_config(*RESUMABLE, "tracking.experiment=reference"))
-    args = [*RESUMABLE, "tracking.experiment=stopped"]
-
-    stopped = train_process(tmp_path, args)
-    wait_for_epoch(tmp_path, stopped, 1)
-    stopped.send_signal(signal.SIGTERM)
-    assert stopped.wait(60) == INTERRUPTED_EXIT  # checkpointed, then a clean exit
-    (run,) = store.client.search_runs(store.experiment_ids(["stopped"]))
-    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["error"]
-    first_stop = torch.load(checkpoint_file(tmp_path), weights_only=True)
-    assert first_stop["run_id"] == run.info.run_id
+    args = [*RESUMABLE, "tracking.experiment=killed"]
 
     killed = train_process(tmp_path, args)
-    wait_for_epoch(tmp_path, killed, first_stop["epoch"] + 1)
+    wait_for_checkpoint(tmp_path, killed)  # the first, after epoch 1
     killed.kill()  # SIGKILL: no chance to save anything
     killed.wait(60)
     saved = torch.load(checkpoint_file(tmp_path), weights_only=True)
-    assert 1 <= saved["epoch"] < 4
-    assert store.client.get_run(run.info.run_id).info.status == "RUNNING"
+    assert 1 <= saved["epoch"] < 4 and saved["step"] == 0
+    (run,) = store.client.search_runs(store.experiment_ids(["killed"]))
+    assert run.info.status == "RUNNING" and saved["run_id"] == run.info.run_id
 
     resumed = execute(run_config(*args))
     assert resumed.run_id == run.info.run_id and not resumed.skipped
     assert_same_run(store, resumed, reference)
     finished = store.client.get_run(resumed.run_id)
-    assert finished.info.status == "FINISHED" and "error" not in finished.data.tags
-    assert finished.data.tags["resumed_from"].startswith(f"epoch {saved['epoch'] + 1}")
+    assert finished.info.status == "FINISHED"
+    assert finished.data.tags["resumed_from"] == f"epoch {saved['epoch'] + 1}, step 1"
     assert checkpoint_file(tmp_path) is None  # deleted once the run finished
-    assert len(store.client.search_runs(store.experiment_ids(["stopped"]))) == 1
+    assert len(store.client.search_runs(store.experiment_ids(["killed"]))) == 1
 
 
 class SelfStopping(Method):
@@ -111,16 +101,20 @@ def self_stopping_method():
         METHODS.add("test_self_stopping", SelfStopping)
 
 
-def test_sigterm_mid_epoch_resumes_at_the_step(store):
+def test_sigterm_checkpoints_mid_epoch_and_resumes_at_the_step(store):
     args = [*RESUMABLE, "method.name=test_self_stopping"]
     reference = execute(run_config(*args, "tracking.experiment=reference"))
 
-    SelfStopping.armed = True
-    with pytest.raises(Interrupted, match="epoch 2, step 5"):
-        execute(run_config(*args, "tracking.experiment=stopped"))
+    SelfStopping.armed = True  # `ltbench train` checkpoints at the next step, exits with 75
+    assert main(["train", *FAST, *args, "tracking.experiment=stopped"]) == INTERRUPTED_EXIT
+    (run,) = store.client.search_runs(store.experiment_ids(["stopped"]))
+    assert run.info.status == "KILLED" and "SIGTERM at epoch 2, step 5" in run.data.tags["error"]
+
     resumed = execute(run_config(*args, "tracking.experiment=stopped"))
-    tags = store.client.get_run(resumed.run_id).data.tags
-    assert tags["resumed_from"] == "epoch 2, step 5"
+    assert resumed.run_id == run.info.run_id
+    finished = store.client.get_run(resumed.run_id)
+    assert finished.data.tags["resumed_from"] == "epoch 2, step 5"
+    assert finished.info.status == "FINISHED" and "error" not in finished.data.tags
     assert_same_run(store, resumed, reference)
 
 
