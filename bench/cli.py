@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import ltbench
 from ltbench.errors import LtbenchError
@@ -63,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(recipe.epochs=5, tracking.uri=...)",
     )
     run.add_argument("--format", choices=FORMATS, default="markdown")
+    add_launch_arguments(run)
     run.set_defaults(handler=cmd_run)
+
+    train = commands.add_parser(
+        "train", help="one run in this process group (what torchrun starts: -m ltbench.train)"
+    )
+    from ltbench.train import add_arguments
+
+    add_arguments(train)
+    train.set_defaults(handler=cmd_train)
 
     board = commands.add_parser("leaderboard", help="print the leaderboard of tracked runs")
     board.add_argument(
@@ -104,6 +114,80 @@ def build_parser() -> argparse.ArgumentParser:
 FORMATS = ("markdown", "csv", "latex", "html", "json")
 
 
+def add_launch_arguments(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("launching (see README, Scaling out)")
+    group.add_argument(
+        "--launcher",
+        choices=["inline", "local", "slurm"],
+        default="inline",
+        help="inline: in this process, one run after another (default); local: a queue of "
+        "torchrun jobs over this machine's GPUs (a process pool on the CPU); slurm: one "
+        "submitit job per run",
+    )
+    group.add_argument(
+        "--jobs", type=int, help="runs at once (local default: one per GPU group, 1 on a CPU)"
+    )
+    group.add_argument(
+        "--gpus-per-job",
+        type=int,
+        default=1,
+        help="GPUs per run (per node with slurm; CPU processes on a machine without GPUs)",
+    )
+    group.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
+    group.add_argument(
+        "--workdir",
+        default="ltbench-jobs",
+        help="job configs, logs and results (default: ./ltbench-jobs)",
+    )
+    group.add_argument("--partition", help="slurm partition")
+    group.add_argument(
+        "--time", type=int, default=24 * 60, dest="time_min", help="slurm time limit, minutes"
+    )
+    group.add_argument("--cpus-per-task", type=int, help="slurm CPUs per task")
+    group.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch option, e.g. --slurm account=abc --slurm qos=high (repeatable)",
+    )
+    group.add_argument(
+        "--cluster",
+        help="submitit's cluster for --launcher slurm: slurm (default) or local (runs the "
+        "same jobs on this machine, to try a setup)",
+    )
+    group.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="slurm: submit the jobs and return; `ltbench leaderboard` shows them later",
+    )
+
+
+def launch_options(args: argparse.Namespace) -> Any:
+    from ltbench.launch import LaunchOptions
+
+    extra = {}
+    for pair in args.slurm:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise LtbenchError(f"--slurm {pair!r} must look like KEY=VALUE, e.g. account=abc")
+        extra[key] = value
+    return LaunchOptions(
+        launcher=args.launcher,
+        jobs=args.jobs,
+        gpus_per_job=args.gpus_per_job,
+        nodes=args.nodes,
+        workdir=args.workdir,
+        cluster=args.cluster,
+        partition=args.partition,
+        time_min=args.time_min,
+        cpus_per_task=args.cpus_per_task,
+        slurm=extra,
+        wait=args.wait,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ltbench import leaderboard
     from ltbench.suite import load_suite, run_suite
@@ -113,7 +197,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.suite)
         args.suite = "default"
     suite, run_layer = load_suite(args.suite, args.overrides)
-    result = run_suite(suite, run_layer)
+    result = run_suite(suite, run_layer, launch_options(args))
     tracker = Tracker(run_layer.get("tracking", {}).get("uri"))
     runs, excluded = leaderboard.collect(tracker, [result.experiment])
     board = leaderboard.build(runs, excluded, result.fingerprints)
@@ -123,6 +207,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"failed: {config.dataset.name} {config.method.name} seed {config.seed}: {message}\n"
         )
     return 1 if result.failures else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ltbench.train import run
+
+    return run(args)
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
