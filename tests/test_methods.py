@@ -232,3 +232,19 @@ def test_tau_norm_chooses_tau_on_val_and_keeps_the_bias():
     assert result.curve[0]["val_acc"] == pytest.approx(100 * (1 - 3))  # norms 5 and 2
     assert model.classifier.weight.tolist() == [pytest.approx([0.6, 0.8]), [0.0, 1.0]]
     assert model.classifier.bias.tolist() == [0.5, -0.5]
+
+
+def test_the_default_suite_runs_every_built_in_method():
+    from ltbench.suite import load_suite
+
+    suite, _ = load_suite("default")
+    built_in = [
+        name
+        for name in METHODS.names()
+        if all(
+            METHODS.get(c).__module__.startswith("ltbench.methods.")
+            for c in METHODS.components(name)
+        )
+    ]
+    assert {"ce", "ldam_drw", "crt", "tau_norm"} <= set(built_in)
+    assert sorted(suite.methods) == sorted(built_in)
