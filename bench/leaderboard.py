@@ -185,7 +185,7 @@ def method_key(spec: str) -> str:
     return "+".join(sorted(names))
 
 
-def _ratio(value: object) -> float:
+def _number(value: object) -> float:
     try:
         return float(value)
     except (TypeError, ValueError):
@@ -202,15 +202,15 @@ def attach_published(
     first = runs.drop_duplicates("tags.fingerprint").set_index("tags.fingerprint")
     wanted = published.assign(
         _method=published["method"].astype(str).map(method_key),
-        _ratio=published["imbalance_ratio"].map(_ratio),
+        _ratio=published["imbalance_ratio"].map(_number),
     )
     table = table.copy()
     for column in PUBLISHED_COLUMNS:
         table[column] = np.nan if column != "published_source" else None
     for index, row in table.iterrows():
         run = first.loc[row["fingerprint"]]
-        table.at[index, "epochs"] = _ratio(run.get(epochs_param))
-        ratio = _ratio(run.get(ratio_param))
+        table.at[index, "epochs"] = _number(run.get(epochs_param))
+        ratio = _number(run.get(ratio_param))
         same_ratio = (
             wanted["_ratio"].isna() if np.isnan(ratio) else np.isclose(wanted["_ratio"], ratio)
         )
