@@ -8,10 +8,11 @@ with probability ``p_j = n_j^q / sum_i n_i^q`` and an image uniformly within the
 class-balanced over the epochs of its stage, ``p_j(t) = (1 - t/T) p_j^IB + (t/T) p_j^CB``.
 
 The three methods fill the ``sampler`` slot of the first stage. The second stages (cRT, LWS)
-bring their own sampler, chosen with their ``sampling`` option from the same table
-(:data:`SAMPLINGS`), so ``cbs+crt`` means class-balanced sampling in stage 1 and cRT with its
-own (class-balanced by default) in stage 2. The engine draws each epoch's order identically on
-every rank and shards it, so every sampler here works unchanged under DDP.
+bring their own sampler, chosen with their ``sampling`` option (``instance``, ``cbs``,
+``sqrt`` or ``pbs``: :data:`SamplingName`), so ``cbs+crt`` means class-balanced sampling in
+stage 1 and cRT with its own (class-balanced by default) in stage 2. The engine draws each
+epoch's order identically on every rank and shards it, so every sampler here works unchanged
+under DDP.
 """
 
 from __future__ import annotations
@@ -51,15 +52,6 @@ def class_sampling(name: SamplingName, ctx: MethodContext) -> ClassSampling | No
         return lambda epoch: progressive_probs(counts, epoch, ctx.epochs)
     probs = power_probs(counts, {"cbs": 0.0, "sqrt": 0.5}[name])
     return lambda epoch: probs
-
-
-#: what the ``sampling`` option of a stage-2 method accepts, and what each means
-SAMPLINGS: dict[str, str] = {
-    "instance": "instance-balanced: each epoch is a shuffle of the training set",
-    "cbs": "class-balanced: every class equally likely",
-    "sqrt": "square-root: p_j proportional to sqrt(n_j)",
-    "pbs": "progressively balanced: instance- to class-balanced over the stage's epochs",
-}
 
 
 class ClassSampler(Method):
