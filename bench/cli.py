@@ -86,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument(
         "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
     )
+    board.add_argument(
+        "--published",
+        type=Path,
+        help="published numbers to show beside matching rows (default: results/published.csv)",
+    )
+    board.add_argument(
+        "--no-published", action="store_true", help="leave the published numbers out"
+    )
     board.set_defaults(handler=cmd_leaderboard)
 
     listing = commands.add_parser("list", help="list registered methods, data sets, models")
@@ -200,7 +208,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = run_suite(suite, run_layer, launch_options(args))
     tracker = Tracker(run_layer.get("tracking", {}).get("uri"))
     runs, excluded = leaderboard.collect(tracker, [result.experiment])
-    board = leaderboard.build(runs, excluded, result.fingerprints)
+    board = leaderboard.build(runs, excluded, result.fingerprints, leaderboard.load_published())
     sys.stdout.write(leaderboard.render(board, args.format))
     for config, message in result.failures:
         sys.stderr.write(
@@ -229,7 +237,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                 f"{', '.join(known) or 'none'}"
             )
     runs, excluded = leaderboard.collect(tracker, args.experiment)
-    text = leaderboard.render(leaderboard.build(runs, excluded), args.format)
+    published = None if args.no_published else leaderboard.load_published(args.published)
+    text = leaderboard.render(leaderboard.build(runs, excluded, None, published), args.format)
     if args.out:
         args.out.write_text(text)
         log.info("wrote %s", args.out)

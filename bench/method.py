@@ -118,6 +118,12 @@ class Method:
         """
         return PosthocResult(model, {})
 
+    def refuses(self, others: dict[str, Method]) -> str | None:
+        """Not a slot: why this component cannot compose with ``others`` (the other components
+        of the composition, by name), or None when it can. Checked when a composition is built,
+        before anything trains."""
+        return None
+
 
 def claimed_slots(component: Method | type[Method]) -> list[str]:
     """The slots a component (or component class) fills: the hooks its class overrides."""
@@ -162,7 +168,9 @@ class MethodRegistry(Registry):
     each of ``loss``, ``class_weights``, ``sampler`` and ``posthoc``; at most one component may
     declare a second stage. A clash is refused with a message naming both components. An alias
     (``ldam_drw`` = ``ldam+drw``) expands to its components. Options are given per component:
-    ``method.options.<component>.<option>=value``.
+    ``method.options.<component>.<option>=value``. A component may also refuse a composition
+    that is meaningless for it by overriding ``refuses(others)`` (not a slot) to return the
+    reason (tau-norm refuses LDAM's cosine classifier).
     """
 
     kind = "method"
@@ -288,6 +296,12 @@ class Composed:
                         f"method {self.spec!r}: {claimants[0]} and {claimants[1]} both claim "
                         f"the {slot} of stage {stage!r}; keep one of them"
                     )
+        for name, component in self.components.items():
+            reason = component.refuses({n: c for n, c in self.components.items() if n != name})
+            if reason:
+                raise PluginError(
+                    f"method {self.spec!r}: {name} refuses this composition: {reason}"
+                )
 
     def slots_of(self, name: str) -> list[str]:
         return claimed_slots(self.components[name])

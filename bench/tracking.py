@@ -212,7 +212,7 @@ class Tracker:
         return RunLog(self.client, run.info.run_id)
 
     def runs(self, experiment_ids: list[str]) -> pd.DataFrame:
-        """Every run of the experiments as one row: status, tags and latest metrics."""
+        """Every run of the experiments as one row: status, tags, params and latest metrics."""
         rows = []
         for run in self._all_runs(experiment_ids):
             row = {
@@ -222,6 +222,7 @@ class Tracker:
                 "end_time": run.info.end_time,
             }
             row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
             row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
             rows.append(row)
         return pd.DataFrame(rows)

@@ -1,3 +1,12 @@
 """Built-in method plugins; importing this package registers them."""
 
-from ltbench.methods import ce  # noqa: F401
+from ltbench.methods import (  # noqa: F401
+    ce,
+    crt,
+    drw,
+    ldam,
+    lws,
+    reweighting,
+    sampling,
+    tau_norm,
+)
