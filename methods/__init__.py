@@ -1,3 +1,3 @@
 """Built-in method plugins; importing this package registers them."""
 
-from ltbench.methods import ce  # noqa: F401
+from ltbench.methods import ce, nbn  # noqa: F401
