@@ -106,6 +106,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint: bool = True
     num_workers: int = 4
+    diagnostics: bool = True
 
 
 @dataclass
