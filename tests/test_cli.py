@@ -7,7 +7,7 @@ import pytest
 from ltbench.cli import main
 from ltbench.leaderboard import collect
 
-FAST = ["recipe.epochs=2", "recipe.warmup_epochs=1", "seeds=[0,1]"]
+FAST = ["recipe.epochs=2", "recipe.warmup_epochs=1", "seeds=[0,1]", "methods=[ce]"]
 
 
 def test_run_prints_the_leaderboard_and_skips_finished_runs(store, capsys, caplog):
