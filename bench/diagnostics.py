@@ -15,14 +15,17 @@ the length of the features' projection on the class's own classifier direction. 
 features supply, free of the classifier norm ``||w_c||``, which carries a classifier-level
 bias of its own, and unchanged by per-class rescaling of ``w_c`` (tau-norm, LWS). Because NBN
 rescales the last stage, absolute strengths of two models are not comparable; the *relative*
-strength ``S_c / mean_k S_k`` is (1 = an average class). Also logged per class: the mean
-feature norm ``||f(x)||`` and ``||w_c||``. Run-level summaries, as metrics:
+strength ``S_c / mean_k |S_k|`` is (1 = an average class when all are positive; a projection
+can be negative early in training, or with a cosine classifier, and keeps its sign). Also
+logged per class: the mean feature norm ``||f(x)||`` and ``||w_c||``. Run-level summaries, as
+metrics:
 
 - ``diag_strength_count_corr``: Spearman rank correlation of ``S_c`` with the training count
   (positive: frequent classes have the stronger features; 0: strength even over the counts);
 - ``diag_strength_few_many``: mean ``S_c`` of the few-shot classes over that of the many-shot
-  classes (when both groups have classes); below 1: rare-class features are weaker;
-- ``diag_strength_cv``: the coefficient of variation of ``S_c`` over classes.
+  classes (when both groups have classes and the many-shot mean is positive); below 1:
+  rare-class features are weaker;
+- ``diag_strength_cv``: the spread of ``S_c`` over classes, ``std_c S_c / mean_c |S_c|``.
 
 The classifier weight is ``model.classifier.weight``, or else the first ``(classes, features)``
 parameter inside the classifier; a classifier without one gets no strength table.
@@ -138,7 +141,7 @@ def strength_table(
             "feature_norm": (sums[1] / count).numpy(),
             "classifier_norm": weight_norm.numpy(),
             "feature_strength": strength,
-            "relative_strength": strength / strength[seen].mean(),
+            "relative_strength": strength / np.abs(strength[seen]).mean(),
         }
     )
 
@@ -149,10 +152,10 @@ def strength_summary(table: pd.DataFrame) -> dict[str, float]:
     strength = seen["feature_strength"]
     summary = {
         "diag_strength_count_corr": _rank_correlation(seen["train_count"], strength),
-        "diag_strength_cv": float(strength.std(ddof=0) / strength.mean()),
+        "diag_strength_cv": float(strength.std(ddof=0) / strength.abs().mean()),
     }
     by_group = seen.groupby("shot_group")["feature_strength"].mean()
-    if "few" in by_group and "many" in by_group:
+    if "few" in by_group and "many" in by_group and by_group["many"] > 0:
         summary["diag_strength_few_many"] = float(by_group["few"] / by_group["many"])
     return {k: v for k, v in summary.items() if np.isfinite(v)}
 
@@ -215,7 +218,7 @@ def strength_figure(tables: dict[str, pd.DataFrame], title: str) -> Figure:
     axes.axhline(1.0, color="black", linewidth=0.6, linestyle=":")
     axes.set_xscale("log")
     axes.set_xlabel("training images of the class")
-    axes.set_ylabel("relative feature strength  S_c / mean S")
+    axes.set_ylabel("relative feature strength  S_c / mean |S|")
     axes.set_title(title)
     if len(tables) > 1:
         axes.legend()

@@ -243,7 +243,7 @@ def compare(
     options (``runs`` from :func:`collect`, with :func:`with_params`). Plain ``component``
     pairs with ``ce``. A setup run only one way shows the other side empty."""
     sides = ("without", "with")
-    columns = ["dataset", "method", "backbone"]
+    columns = ["dataset", "method", "backbone", "canonical"]
     columns += [f"{key}_{side}" for key in ("fingerprint", "seeds") for side in sides]
     columns += [f"{n}_{s}" for n in METRICS for s in ("without", "without_std", "with", "with_std")]
     columns += [f"{n}_delta" for n in METRICS]
@@ -279,6 +279,10 @@ def compare(
     rows = []
     for setup in setups:
         row = {k: setup[k] for k in ("dataset", "method", "backbone")}
+        row["canonical"] = all(
+            r.get("tags.data_canonical", "true") != "false"
+            for r in setup["without"] + setup["with"]
+        )
         for side in sides:
             row[f"seeds_{side}"] = len(setup[side])
             row[f"fingerprint_{side}"] = setup[side][0]["tags.fingerprint"] if setup[side] else ""
@@ -313,6 +317,10 @@ def render_comparison(comparison: Comparison, fmt: str = "markdown") -> str:
     ]
     if comparison.excluded:
         notes.append(f"{sum(comparison.excluded.values())} unfinished or failed run(s) left out.")
+    if len(comparison.rows) and not comparison.rows["canonical"].astype(bool).all():
+        notes.append(
+            f"{NONCANONICAL_MARK} non-canonical data: the files differ from the official release."
+        )
     if fmt == "csv":
         return comparison.rows.to_csv(index=False, float_format="%.4f")
     if fmt == "json":
@@ -326,7 +334,7 @@ def render_comparison(comparison: Comparison, fmt: str = "markdown") -> str:
     rows = []
     for _, row in comparison.rows.iterrows():
         cells = [
-            row["dataset"],
+            row["dataset"] + ("" if row["canonical"] else f" {NONCANONICAL_MARK}"),
             row["method"],
             row["backbone"],
             f"{row['fingerprint_without'][:8] or '-'} / {row['fingerprint_with'][:8] or '-'}",
@@ -343,7 +351,11 @@ def render_comparison(comparison: Comparison, fmt: str = "markdown") -> str:
         table = tabulate(rows, headers, tablefmt="github", disable_numparse=True)
         return table + "\n\n" + "\n".join(notes) + "\n"
     if fmt == "latex":
-        rows = [[cell.replace("_", r"\_") for cell in row] for row in rows]
+        mark = r"$^\dagger$"
+        rows = [
+            [c.replace("_", r"\_").replace(NONCANONICAL_MARK, mark) for c in row] for row in rows
+        ]
+        notes = [note.replace(NONCANONICAL_MARK, mark) for note in notes]
         headers = [h.replace("Δ", r"$\Delta$").replace("_", r"\_") for h in headers]
         table = tabulate(rows, headers, tablefmt="latex_raw", disable_numparse=True)
         return table + "\n% " + " ".join(notes) + "\n"

@@ -55,7 +55,7 @@ def test_feature_strength_by_hand(digits):
         assert row["classifier_norm"] == pytest.approx(float(weight[c].norm()))
     strengths = table["feature_strength"]
     assert table["relative_strength"].tolist() == pytest.approx(
-        (strengths / strengths.mean()).tolist()
+        (strengths / strengths.abs().mean()).tolist()
     )
     assert table["shot_group"].tolist()[:2] == ["many", "many"]
 
@@ -86,6 +86,9 @@ def test_summary_of_a_known_table():
     assert summary["diag_strength_cv"] == pytest.approx(1.118034 / 2.5, rel=1e-5)
     even = table.assign(feature_strength=[2.0, 2.0, 2.0, 2.0])
     assert "diag_strength_count_corr" not in diagnostics.strength_summary(even)  # undefined
+    signs = diagnostics.strength_summary(table.assign(feature_strength=[-1.0, 2.0, -3.0, 2.0]))
+    assert signs["diag_strength_cv"] == pytest.approx(4.5**0.5 / 2.0)
+    assert "diag_strength_few_many" not in signs  # the many-shot mean is negative
 
 
 def test_classifier_weight_is_found_inside_a_wrapper():
@@ -142,7 +145,7 @@ def test_every_run_logs_the_diagnostics(suite_store, tmp_path):
         assert -1 <= metrics["diag_strength_count_corr"] <= 1
         table = pd.read_csv(suite_store.download(run_id, diagnostics.STRENGTH_CSV, str(tmp_path)))
         assert len(table) == 10 and table["test_count"].sum() == 400
-        assert table["relative_strength"].mean() == pytest.approx(1.0, abs=1e-4)
+        assert table["relative_strength"].abs().mean() == pytest.approx(1.0, abs=1e-4)
         weights = pd.read_csv(suite_store.download(run_id, diagnostics.BN_CSV, str(tmp_path)))
         assert set(weights["layer"]) == {"layer3.0.bn1", "layer3.0.bn2"}
         normalized = weights[weights["normalized"]]
@@ -185,7 +188,10 @@ def test_diagnostics_command_overlays_the_runs(suite_store, tmp_path, capsys):
     assert "| ce " in printed and "| nbn " in printed
     per_class = pd.read_csv(out / "feature_strength.csv")
     assert list(per_class.columns) == ["class", "train_count", "shot_group", "ce", "nbn"]
-    assert per_class["ce"].mean() == pytest.approx(1.0, abs=1e-4)
+    strength, _ = diagnostics.collect_tables(suite_store, ["default"])
+    assert len(strength["ce"]) == 2  # the mean over the two seeds, class by class
+    mean = (strength["ce"][0]["relative_strength"] + strength["ce"][1]["relative_strength"]) / 2
+    assert per_class["ce"].tolist() == pytest.approx(mean.tolist(), abs=1e-5)
     summary = pd.read_csv(out / "summary.csv").set_index("label")
     assert summary.loc["nbn", "runs"] == 2
     assert (out / "feature_strength.png").read_bytes().startswith(PNG)
@@ -224,6 +230,7 @@ def test_pairs_match_everything_but_the_component():
             run_row("ldam_drw", 0, 50.0, **{"recipe.epochs": "20"}),
         ]
     )
+    runs["tags.data_canonical"] = ["true"] * 5 + ["false"]
     table = leaderboard.compare(runs, "nbn").rows
     assert len(table) == 3  # the 20-epoch run pairs with nothing
     unpaired = table[table["fingerprint_with"] == ""]
@@ -238,3 +245,5 @@ def test_pairs_match_everything_but_the_component():
     assert variant["seeds_without"] == 2 and variant["all_delta"] == -11.0
     text = leaderboard.render_comparison(leaderboard.compare(runs, "nbn"), "markdown")
     assert "+4.50" in text and "-11.00" in text and "71.00 ± 1.41" in text
+    marked = [line for line in text.splitlines() if "| d †" in line]
+    assert len(marked) == 1 and "50.00" in marked[0] and "non-canonical data" in text
