@@ -154,9 +154,9 @@ class LogitRectifiedClassifier(ImageClassifier):
 
 
 def is_batchnorm2d(module: nn.Module) -> bool:
-    """A plain (or already normalised) 2-D BN layer; subclasses with extra behaviour (timm's
-    BatchNormAct2d) are not, since replacing them would drop that behaviour."""
-    return type(module) in (nn.BatchNorm2d, NormalizedBatchNorm2d)
+    """A plain 2-D BN layer; subclasses with extra behaviour (timm's BatchNormAct2d) are not,
+    since replacing them would drop that behaviour."""
+    return type(module) is nn.BatchNorm2d
 
 
 def batchnorm_names(module: nn.Module) -> list[str]:
