@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import ltbench
 from ltbench.errors import LtbenchError
@@ -15,7 +16,11 @@ log = logging.getLogger("ltbench")
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value pairs after an option land here; a command opts in to take them
+        if not (getattr(args, "extra_into", None) and all("=" in e for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        getattr(args, args.extra_into).extend(extra)
     logging.basicConfig(
         level=logging.WARNING - 10 * args.verbose, format="%(message)s", stream=sys.stderr
     )
@@ -59,7 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(recipe.epochs=5, tracking.uri=...)",
     )
     run.add_argument("--format", choices=FORMATS, default="markdown")
+    add_launch_arguments(run)
     run.set_defaults(handler=cmd_run)
+
+    train = commands.add_parser(
+        "train", help="one run in this process group (what torchrun starts: -m ltbench.train)"
+    )
+    from ltbench.train import add_arguments
+
+    add_arguments(train)
+    train.set_defaults(handler=cmd_train)
 
     board = commands.add_parser("leaderboard", help="print the leaderboard of tracked runs")
     board.add_argument(
@@ -100,10 +114,101 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered methods, data sets, models")
     listing.add_argument("kind", nargs="?", choices=["methods", "datasets", "models", "suites"])
     listing.set_defaults(handler=cmd_list)
+
+    data = commands.add_parser("data", help="inspect a data set's files")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_check = data_commands.add_parser(
+        "check",
+        help="what is under ROOT: files, checksums, split sizes, classes, shot groups",
+    )
+    data_check.add_argument("name", help="a data set (ltbench list datasets)")
+    data_check.add_argument("--root", help="the data set's root folder (data.root of a run)")
+    data_check.add_argument(
+        "settings",
+        nargs="*",
+        metavar="key=value",
+        help="data set options (imbalance_ratio=50), data.allow_noncanonical=true, "
+        "data.download=true",
+    )
+    data_check.set_defaults(handler=cmd_data_check, extra_into="settings")
     return parser
 
 
 FORMATS = ("markdown", "csv", "latex", "html", "json")
+
+
+def add_launch_arguments(run: argparse.ArgumentParser) -> None:
+    group = run.add_argument_group("launching (see README, Scaling out)")
+    group.add_argument(
+        "--launcher",
+        choices=["inline", "local", "slurm"],
+        default="inline",
+        help="inline: in this process, one run after another (default); local: a queue of "
+        "torchrun jobs over this machine's GPUs (a process pool on the CPU); slurm: one "
+        "submitit job per run",
+    )
+    group.add_argument(
+        "--jobs", type=int, help="runs at once (local default: one per GPU group, 1 on a CPU)"
+    )
+    group.add_argument(
+        "--gpus-per-job",
+        type=int,
+        default=1,
+        help="GPUs per run (per node with slurm; CPU processes on a machine without GPUs)",
+    )
+    group.add_argument("--nodes", type=int, default=1, help="slurm: nodes per run")
+    group.add_argument(
+        "--workdir",
+        default="ltbench-jobs",
+        help="job configs, logs and results (default: ./ltbench-jobs)",
+    )
+    group.add_argument("--partition", help="slurm partition")
+    group.add_argument(
+        "--time", type=int, default=24 * 60, dest="time_min", help="slurm time limit, minutes"
+    )
+    group.add_argument("--cpus-per-task", type=int, help="slurm CPUs per task")
+    group.add_argument(
+        "--slurm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another sbatch option, e.g. --slurm account=abc --slurm qos=high (repeatable)",
+    )
+    group.add_argument(
+        "--cluster",
+        help="submitit's cluster for --launcher slurm: slurm (default) or local (runs the "
+        "same jobs on this machine, to try a setup)",
+    )
+    group.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="slurm: submit the jobs and return; `ltbench leaderboard` shows them later",
+    )
+
+
+def launch_options(args: argparse.Namespace) -> Any:
+    from ltbench.launch import LaunchOptions
+
+    extra = {}
+    for pair in args.slurm:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise LtbenchError(f"--slurm {pair!r} must look like KEY=VALUE, e.g. account=abc")
+        extra[key] = value
+    return LaunchOptions(
+        launcher=args.launcher,
+        jobs=args.jobs,
+        gpus_per_job=args.gpus_per_job,
+        nodes=args.nodes,
+        workdir=args.workdir,
+        cluster=args.cluster,
+        partition=args.partition,
+        time_min=args.time_min,
+        cpus_per_task=args.cpus_per_task,
+        slurm=extra,
+        wait=args.wait,
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -115,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.overrides.insert(0, args.suite)
         args.suite = "default"
     suite, run_layer = load_suite(args.suite, args.overrides)
-    result = run_suite(suite, run_layer)
+    result = run_suite(suite, run_layer, launch_options(args))
     tracker = Tracker(run_layer.get("tracking", {}).get("uri"))
     runs, excluded = leaderboard.collect(tracker, [result.experiment])
     board = leaderboard.build(runs, excluded, result.fingerprints)
@@ -125,6 +230,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"failed: {config.dataset.name} {config.method.name} seed {config.seed}: {message}\n"
         )
     return 1 if result.failures else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ltbench.train import run
+
+    return run(args)
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -192,6 +303,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         if kind == "models":
             sys.stdout.write(f"  {'timm/<name>':<16} any timm model, untrained, as the backbone\n")
     return 0
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from ltbench.datacheck import check
+
+    report = check(args.name, args.root, args.settings)
+    sys.stdout.write(report.text)
+    return 0 if report.usable else 1
 
 
 if __name__ == "__main__":

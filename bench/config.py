@@ -72,6 +72,15 @@ class RecipeConfig:
     lr_step_factors: list[float] = field(default_factory=lambda: [0.01, 0.0001])
     crop_padding: int = 4
     flip: bool = True
+    # The image-file pipeline (ImageNet-LT, Places-LT, iNaturalist): training crops are random
+    # resized crops of ``image_size`` with an area fraction in ``crop_scale``; test images are
+    # resized to ``test_resize`` (shorter side) and centre-cropped to ``image_size``.
+    # ``color_jitter`` is the brightness / contrast / saturation strength (0: off). In-memory
+    # data sets (CIFAR, digits) use ``crop_padding`` and ``flip`` instead.
+    image_size: int = 224
+    test_resize: int = 256
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    color_jitter: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -86,6 +95,16 @@ class RecipeConfig:
             raise ConfigError("recipe.lr_steps and recipe.lr_step_factors must have one entry each")
         if self.warmup_epochs is not None and self.warmup_epochs < 0:
             raise ConfigError("recipe.warmup_epochs must be 0 or more (or null for the rule)")
+        if not (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1):
+            raise ConfigError(
+                f"recipe.crop_scale must be [low, high] in (0, 1], not {self.crop_scale}"
+            )
+        if self.image_size <= 0 or self.test_resize < self.image_size:
+            raise ConfigError(
+                "recipe.test_resize must be at least recipe.image_size, both positive"
+            )
+        if self.color_jitter < 0:
+            raise ConfigError(f"recipe.color_jitter must be 0 or more, not {self.color_jitter}")
 
     @property
     def warmup(self) -> int:
@@ -107,6 +126,9 @@ class TrainConfig:
     checkpoint: bool = True
     num_workers: int = 4
     diagnostics: bool = True
+    sync_bn: bool = False  # SyncBatchNorm over ranks (CUDA only); the tags record world_size
+    resume: bool = True  # checkpoint every epoch and on SIGTERM; continue an interrupted run
+    checkpoint_dir: str = "checkpoints"  # resume checkpoints, one folder per run
 
 
 @dataclass

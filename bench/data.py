@@ -127,25 +127,31 @@ class TensorLoader(Loader):
             yield images.contiguous(memory_format=self.memory_format), self.labels[chosen]
 
     def augment(self, images: torch.Tensor) -> torch.Tensor:
-        batch, _, height, width = images.shape
-        if self.crop_padding:
-            pad = self.crop_padding
-            padded = F.pad(images, (pad, pad, pad, pad))
-            shifts = torch.randint(
-                0, 2 * pad + 1, (2, batch), device=self.device, generator=self.generator
-            )
-            rows = shifts[0, :, None] + torch.arange(height, device=self.device)
-            cols = shifts[1, :, None] + torch.arange(width, device=self.device)
-            images = padded[
-                torch.arange(batch, device=self.device)[:, None, None, None],
-                torch.arange(images.shape[1], device=self.device)[None, :, None, None],
-                rows[:, None, :, None],
-                cols[:, None, None, :],
-            ]
+        """Random crop with zero padding and horizontal flip as one gather over the batch.
+
+        Each output pixel's source in the padded image is computed (the crop's shift, the flip
+        mirroring the column), so the whole batch moves in a single indexed copy.
+        """
+        batch, channels, height, width = images.shape
+        pad = self.crop_padding
+        if not pad and not self.flip:
+            return images
+        padded = F.pad(images, (pad, pad, pad, pad)) if pad else images
+        shifts = (
+            torch.randint(0, 2 * pad + 1, (2, batch), device=self.device, generator=self.generator)
+            if pad
+            else torch.zeros(2, batch, dtype=torch.int64, device=self.device)
+        )
+        cols = torch.arange(width, device=self.device).expand(batch, width)
         if self.flip:
             flipped = torch.rand(batch, device=self.device, generator=self.generator) < 0.5
-            images = torch.where(flipped[:, None, None, None], images.flip(3), images)
-        return images
+            cols = torch.where(flipped[:, None], width - 1 - cols, cols)
+        cols = cols + shifts[1, :, None]
+        rows = torch.arange(height, device=self.device) + shifts[0, :, None]
+        source = rows[:, :, None] * (width + 2 * pad) + cols[:, None, :]
+        source = source.view(batch, 1, height * width).expand(batch, channels, height * width)
+        flat = padded.reshape(batch, channels, -1)
+        return flat.gather(2, source).view(batch, channels, height, width)
 
 
 @dataclass
@@ -231,12 +237,33 @@ def epoch_indices(
     return torch.multinomial(weights, len(labels), replacement=True, generator=generator)
 
 
+@dataclass
+class DataFile:
+    """A file or folder a data set needs under its root, as ``ltbench data check`` found it.
+
+    ``status`` is ``ok`` (present and as released), ``differs`` (present, not the release),
+    ``missing`` or ``present`` (there, with nothing to compare it against).
+    """
+
+    path: str
+    status: str
+    detail: str = ""
+
+
 class DatasetPlugin:
     """Base class of data set plugins; the contract is in :class:`DatasetRegistry`."""
 
     def defaults(self) -> dict[str, Any]:
         """Config layer this data set brings: its default backbone and recipe."""
         return {}
+
+    def inventory(self, root: str | None) -> list[DataFile]:
+        """The files this data set needs under ``root`` and their state (none by default)."""
+        return []
+
+    def instructions(self, root: str | None) -> str:
+        """How to get this data set's files into ``root`` ("" when it needs none)."""
+        return ""
 
     def load(self, *, root: str | None, download: bool, allow_noncanonical: bool) -> LongTailData:
         raise NotImplementedError
@@ -258,6 +285,9 @@ class DatasetRegistry(Registry):
         release and their provenance. Missing or wrong files raise DataError saying what to
         fetch and where; files that differ from the official release are refused unless
         ``allow_noncanonical``, and are then marked ``canonical=False``.
+
+    Optionally, for ``ltbench data check``: ``inventory(root)`` lists the needed files with
+    their state (:class:`DataFile`), and ``instructions(root)`` says how to get them.
     """
 
     kind = "data set"

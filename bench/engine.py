@@ -17,10 +17,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ltbench.checkpoint import Interrupted, Progress, Resume, StopVote, apply
 from ltbench.config import RecipeConfig, TrainConfig
 from ltbench.data import LongTailData, Split, epoch_indices
 from ltbench.distributed import Dist
-from ltbench.errors import TrainingError
+from ltbench.errors import ConfigError, TrainingError
 from ltbench.method import Composed, MethodContext
 from ltbench.metrics import ClassTally
 from ltbench.tracking import RunLog
@@ -124,10 +125,17 @@ def train_stage(
     run_log: RunLog,
     seed: int,
     on_eval: Callable[[int], None] | None = None,
+    resume: Resume | None = None,
 ) -> None:
     """Train ``model`` in place for one stage, logging per-epoch metrics with their epoch as
-    step; ``on_eval(epoch)`` is called every ``settings.eval_every`` epochs (not the last)."""
+    step; ``on_eval(epoch)`` is called every ``settings.eval_every`` epochs (not the last).
+
+    With ``resume``, the stage continues from its checkpoint when there is one, checkpoints
+    after every epoch, and on SIGTERM checkpoints at the next step and raises Interrupted.
+    """
     recipe, ctx, method = stage.recipe, stage.ctx, stage.method
+    if settings.sync_bn:
+        model = sync_batch_norm(model, dist)
     loader = data.train.loader(
         train=True,
         recipe=recipe,
@@ -152,12 +160,17 @@ def train_stage(
         trained = torch.compile(trained)
     per_rank_batch = max(1, recipe.batch_size // dist.world_size)
     started = time.perf_counter()
+    saved = _restore(resume, model, optimizer, dist, run_log)
+    vote = StopVote(resume.watch, dist) if resume is not None else None
 
-    for epoch in range(recipe.epochs):
+    for epoch in range(saved["epoch"] if saved else 0, recipe.epochs):
         lr = recipe.lr * lr_factor(epoch, recipe)
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.on_epoch_start(epoch, model, ctx)
+        mid_epoch = saved is not None and epoch == saved["epoch"] and saved["step"] > 0
+        if mid_epoch:  # loaded after the hook, whose effect the checkpoint already holds
+            apply(saved, model, optimizer)
         weights = method.class_weights(epoch, ctx)
         weights = None if weights is None else weights.to(dist.device, torch.float32)
         order = epoch_indices(data.train.labels, data.num_classes, sampling, epoch, seed)
@@ -167,9 +180,16 @@ def train_stage(
 
         totals = torch.zeros(3, dtype=torch.float64, device=dist.device)
         first_bad = torch.full((1,), -1.0, dtype=torch.float64, device=dist.device)
+        if mid_epoch:
+            totals, first_bad = saved["totals"].to(dist.device), saved["first_bad"].to(dist.device)
         for step, (images, labels) in enumerate(
             loader.batches(dist.shard(order, even=True), per_rank_batch, epoch)
         ):
+            if mid_epoch and step < saved["step"]:
+                continue  # done before the stop; drawn again so the augmentation stays in step
+            if vote is not None and vote.poll():
+                resume.save(dist, model, optimizer, Progress(epoch, step, totals, first_bad))
+                raise Interrupted(f"stopped on SIGTERM at epoch {epoch + 1}, step {step + 1}")
             if len(labels) < 2:
                 continue  # NOTE: BN cannot train on one image; a lone last image is skipped.
             logits = trained(images)
@@ -196,6 +216,8 @@ def train_stage(
             "train_acc": float(100 * totals[1] / totals[2]),
             "lr": lr,
         }
+        if resume is not None:  # saved before logging: a resume re-logs what never got logged
+            resume.save(dist, model, optimizer, Progress(epoch + 1, 0, None, None), metrics)
         run_log.log_metrics(metrics, step=epoch + 1)
         if dist.is_main and (epoch + 1 == recipe.epochs or (epoch + 1) % settings.log_every == 0):
             log.info(
@@ -215,6 +237,48 @@ def train_stage(
             and (epoch + 1 < recipe.epochs)
         ):
             on_eval(epoch + 1)
+        if vote is not None and vote.decided():
+            raise Interrupted(f"stopped on SIGTERM after epoch {epoch + 1}")
+
+
+def _restore(
+    resume: Resume | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dist: Dist,
+    run_log: RunLog,
+) -> dict | None:
+    """The checkpoint this stage continues from, if any. One taken at an epoch boundary is
+    loaded here (and its epoch's metrics logged if the stop came before they were); one taken
+    mid-epoch is loaded in the loop, after that epoch's ``on_epoch_start``."""
+    saved = resume.restore(dist) if resume is not None else None
+    if saved is None:
+        return None
+    if saved["step"] == 0:
+        apply(saved, model, optimizer)
+        if saved["metrics"] and saved["epoch"] not in run_log.logged_steps("train_loss"):
+            run_log.log_metrics(saved["metrics"], step=saved["epoch"])
+    if dist.is_main:
+        log.info("resuming at epoch %d, step %d", saved["epoch"] + 1, saved["step"] + 1)
+    return saved
+
+
+def sync_batch_norm(model: nn.Module, dist: Dist) -> nn.Module:
+    """``model`` with its plain BatchNorm layers turned into SyncBatchNorm (batch statistics over
+    all ranks). Subclasses of BatchNorm (a method's own layers) keep per-rank statistics."""
+    if dist.device.type != "cuda":
+        raise ConfigError(
+            "train.sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); "
+            "set train.sync_bn=false on the CPU"
+        )
+    plain = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in plain:
+                setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+            elif isinstance(child, nn.modules.batchnorm._BatchNorm) and dist.is_main:
+                log.warning("train.sync_bn: %s (%s) keeps per-rank statistics", name, type(child))
+    return model
 
 
 def check_finite(first_bad: torch.Tensor, dist: Dist, epoch: int) -> None:

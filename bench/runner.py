@@ -3,10 +3,16 @@
 A method with a second stage is two tracked runs: the first stage (found in the store by
 fingerprint and seed, trained first only when missing) and the second, which carries the
 first's run id in its ``stage1_run_id`` tag.
+
+Under several ranks, rank 0 alone talks to the store: it takes every decision that depends on
+the store (the experiment, skip or run, which first-stage run to reuse, resume or start) and
+broadcasts it, so the ranks cannot disagree. A run that was interrupted continues from its
+resume checkpoint in the same MLflow run (see :mod:`ltbench.checkpoint`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -21,10 +27,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed
 from torch import nn
 
 import ltbench
+from ltbench.checkpoint import Interrupted, Resume, run_folder
 from ltbench.config import (
     MethodConfig,
     RecipeConfig,
@@ -73,15 +79,20 @@ def execute(
 ) -> RunOutcome:
     """Run ``config`` unless a finished run with its fingerprint and seed is in its experiment."""
     dist = setup(config.train.device)
-    tracker = tracker or Tracker(config.tracking.uri)
+    if dist.is_main:
+        tracker = tracker or Tracker(config.tracking.uri)
     method = METHODS.compose(config.method.name, config.method.options)
     data = data or load_data(config)
     run_fingerprint = fingerprint(config, data.identity)
     experiment_id = _experiment(tracker, config.tracking.experiment, dist)
 
-    done = tracker.finished_run(run_fingerprint, config.seed, [experiment_id])
-    if done is not None:
-        return RunOutcome(done.info.run_id, run_fingerprint, dict(done.data.metrics), skipped=True)
+    done = None
+    if dist.is_main:
+        found = tracker.finished_run(run_fingerprint, config.seed, [experiment_id])
+        done = found and (found.info.run_id, dict(found.data.metrics))
+    done = dist.from_main(done)
+    if done:
+        return RunOutcome(done[0], run_fingerprint, done[1], skipped=True)
     return _run(config, method, data, dist, tracker, experiment_id, run_fingerprint)
 
 
@@ -104,11 +115,8 @@ def _run(
     return _tracked(config, data, run_fingerprint, experiment_id, tracker, dist, body, tags)
 
 
-def _experiment(tracker: Tracker, name: str, dist: Dist) -> str:
-    if dist.is_main:
-        tracker.experiment(name)
-    torch.distributed.barrier()
-    return tracker.experiment(name)
+def _experiment(tracker: Tracker | None, name: str, dist: Dist) -> str:
+    return dist.from_main(tracker.experiment(name) if dist.is_main else None)
 
 
 def _tracked(
@@ -124,20 +132,52 @@ def _tracked(
     started = time.perf_counter()
     tags = run_tags(config, data, run_fingerprint, dist) | extra_tags
     name = f"{config.dataset.name}-{config.method.name}-{config.model.name}-s{config.seed}"
-    run_log = tracker.start_run(experiment_id, name, tags) if dist.is_main else NoRunLog()
-    run_log.log_text(to_yaml(config), "config.yaml")
-    run_log.log_params(flatten(to_dict(config)) | {"data.identity": data.identity})
-    try:
-        metrics, state = body(run_log)
-    except BaseException as error:
-        status = KILLED if isinstance(error, KeyboardInterrupt) else FAILED
-        run_log.set_tags({"error": f"{type(error).__name__}: {error}"[:4000]})
-        run_log.finish(status)
-        raise
-    run_log.finish(FINISHED)
+    resume = None
+    if config.train.resume:
+        folder = run_folder(
+            config.train.checkpoint_dir, config.tracking.experiment, run_fingerprint, config.seed
+        )
+        resume = Resume(folder)
+    with resume.hold(dist) if resume is not None else contextlib.nullcontext():
+        run_log = _reopen(tracker, experiment_id, resume) if dist.is_main else NoRunLog()
+        if run_log is None:
+            run_log = tracker.start_run(experiment_id, name, tags)
+            run_log.log_text(to_yaml(config), "config.yaml")
+            run_log.log_params(flatten(to_dict(config)) | {"data.identity": data.identity})
+        if resume is not None:
+            resume.run_id = run_log.run_id
+        try:
+            metrics, state = body(run_log, resume)
+        except BaseException as error:
+            interrupted = (KeyboardInterrupt, SystemExit, Interrupted)
+            status = KILLED if isinstance(error, interrupted) else FAILED
+            run_log.set_tags({"error": f"{type(error).__name__}: {error}"[:4000]})
+            run_log.finish(status)
+            raise
+        run_log.finish(FINISHED)
+        if resume is not None and dist.is_main:
+            resume.discard(finished=True)
     return RunOutcome(
         run_log.run_id, run_fingerprint, metrics, seconds=time.perf_counter() - started, state=state
     )
+
+
+def _reopen(tracker: Tracker, experiment_id: str, resume: Resume | None) -> RunLog | None:
+    """The interrupted MLflow run to continue when a resume checkpoint names one; else None
+    (and a checkpoint whose run cannot be continued is deleted: the run starts afresh)."""
+    saved = resume.saved() if resume is not None else None
+    if saved is None:
+        return None
+    run_log = tracker.reopen(saved["run_id"], experiment_id)
+    if run_log is None:
+        log.warning("checkpoint %s names no unfinished run here; starting afresh", resume.path)
+        resume.discard()
+        return None
+    if "error" in run_log.client.get_run(run_log.run_id).data.tags:
+        run_log.client.delete_tag(run_log.run_id, "error")  # the interruption's, now over
+    run_log.set_tags({"resumed_from": f"epoch {saved['epoch'] + 1}, step {saved['step'] + 1}"})
+    log.info("continuing run %s from %s", run_log.run_id, resume.path)
+    return run_log
 
 
 def run_tags(
@@ -222,13 +262,18 @@ def _to_device(model: nn.Module, config: RunConfig, dist: Dist) -> nn.Module:
 
 
 def _first_stage(
-    config: RunConfig, method: Composed, data: LongTailData, dist: Dist, run_log: RunLog
+    config: RunConfig,
+    method: Composed,
+    data: LongTailData,
+    dist: Dist,
+    run_log: RunLog,
+    resume: Resume | None = None,
 ) -> tuple[dict[str, float], dict]:
     seed_everything(config.seed)
     ctx = _context(config, data, dist, TRAIN_STAGE, config.recipe)
     model = _to_device(_build_model(config, data, method, ctx), config, dist)
     stage = Stage(method, ctx, config.recipe)
-    return _train_and_finish(config, data, dist, run_log, model, stage)
+    return _train_and_finish(config, data, dist, run_log, model, stage, resume=resume)
 
 
 def _second_stage(
@@ -238,6 +283,7 @@ def _second_stage(
     dist: Dist,
     stage1_state: dict,
     run_log: RunLog,
+    resume: Resume | None = None,
 ) -> tuple[dict[str, float], dict]:
     seed_everything(config.seed)
     first = method.first_stage()
@@ -253,7 +299,9 @@ def _second_stage(
         model.backbone.requires_grad_(False)
     model = _to_device(model, config, dist)
     stage = Stage(method, ctx, recipe, freeze_backbone=spec.freeze_backbone)
-    return _train_and_finish(config, data, dist, run_log, model, stage, train=spec.epochs > 0)
+    return _train_and_finish(
+        config, data, dist, run_log, model, stage, train=spec.epochs > 0, resume=resume
+    )
 
 
 def _train_and_finish(
@@ -264,6 +312,7 @@ def _train_and_finish(
     model: nn.Module,
     stage: Stage,
     train: bool = True,
+    resume: Resume | None = None,
 ) -> tuple[dict[str, float], dict]:
     """Train the stage, checkpoint, apply a post-hoc transform, evaluate on test, log it all."""
     batch = max(1, stage.recipe.batch_size // dist.world_size)
@@ -274,7 +323,9 @@ def _train_and_finish(
         run_log.log_metrics(summarize(test(model), groups, "test"), step=epoch)
 
     if train:
-        train_stage(model, data, stage, config.train, dist, run_log, config.seed, evaluate_test)
+        train_stage(
+            model, data, stage, config.train, dist, run_log, config.seed, evaluate_test, resume
+        )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if config.train.checkpoint:
         run_log.log_torch({"model": state, "config": to_dict(config)}, CHECKPOINT)
@@ -329,25 +380,46 @@ def _stage1_state(
 ) -> RunOutcome:
     """The first stage's trained weights: from its finished run in the store (this experiment
     first, then any), or trained now as its own tracked run when there is none."""
-    first = method.first_stage()
-    if not first.components:
-        first = METHODS.compose("ce")
-    stage1_config = dataclasses.replace(
-        config, method=MethodConfig(name=first.spec, options=dict(first.options))
-    )
+    stage1_config, first = first_stage_run(config, method)
     stage1_fingerprint = fingerprint(stage1_config, data.identity)
-    others = [e for e in tracker.experiment_ids() if e != experiment_id]
-    for experiments in ([experiment_id], others):
-        found = tracker.finished_run(stage1_fingerprint, config.seed, experiments, CHECKPOINT)
-        if found is not None:
-            with tempfile.TemporaryDirectory() as scratch:
-                path = tracker.download(found.info.run_id, CHECKPOINT, scratch)
-                state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-            log.info("stage 1: reusing run %s", found.info.run_id)
-            return RunOutcome(found.info.run_id, stage1_fingerprint, {}, True, state=state)
+    reused = dist.from_main(
+        _finished_stage1(tracker, experiment_id, stage1_fingerprint, config.seed)
+        if dist.is_main
+        else None
+    )
+    if reused is not None:
+        run_id, state = reused
+        log.info("stage 1: reusing run %s", run_id)
+        return RunOutcome(run_id, stage1_fingerprint, {}, True, state=state)
     log.info(
         "stage 1: no finished run with fingerprint %s, seed %d; training it first",
         stage1_fingerprint,
         config.seed,
     )
     return _run(stage1_config, first, data, dist, tracker, experiment_id, stage1_fingerprint)
+
+
+def first_stage_run(config: RunConfig, method: Composed) -> tuple[RunConfig, Composed]:
+    """The config and method of the first-stage run that a two-stage method starts from."""
+    first = method.first_stage()
+    if not first.components:
+        first = METHODS.compose("ce")
+    stage1_config = dataclasses.replace(
+        config, method=MethodConfig(name=first.spec, options=dict(first.options))
+    )
+    return stage1_config, first
+
+
+def _finished_stage1(
+    tracker: Tracker, experiment_id: str, stage1_fingerprint: str, seed: int
+) -> tuple[str, dict] | None:
+    """Rank 0: the run id and weights of a finished first stage (this experiment first)."""
+    others = [e for e in tracker.experiment_ids() if e != experiment_id]
+    for experiments in ([experiment_id], others):
+        found = tracker.finished_run(stage1_fingerprint, seed, experiments, CHECKPOINT)
+        if found is not None:
+            with tempfile.TemporaryDirectory() as scratch:
+                path = tracker.download(found.info.run_id, CHECKPOINT, scratch)
+                state = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            return found.info.run_id, state
+    return None

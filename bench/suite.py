@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 
 from ltbench.config import RunConfig, merge_layers, parse_overrides, resolve_run
 from ltbench.errors import ConfigError, LtbenchError
+from ltbench.launch import LaunchOptions, launch
 from ltbench.runner import RunOutcome, execute, load_data
 from ltbench.tracking import Tracker
 
@@ -135,8 +136,11 @@ def expand(suite: SuiteConfig, run_layer: Any) -> list[RunConfig]:
     return runs
 
 
-def run_suite(suite: SuiteConfig, run_layer: Any) -> SuiteResult:
-    """Run every run of the suite in turn, skipping finished ones, and report progress.
+def run_suite(
+    suite: SuiteConfig, run_layer: Any, launch_options: LaunchOptions | None = None
+) -> SuiteResult:
+    """Run every run of the suite, skipping finished ones, and report progress: in turn in
+    this process, or with the launcher of ``launch_options`` (local processes, SLURM).
 
     A run that fails (a NaN loss, bad data) is recorded as failed in the store and reported;
     the others go on, and no finished run is touched.
@@ -153,6 +157,10 @@ def run_suite(suite: SuiteConfig, run_layer: Any) -> SuiteResult:
         runs[0].tracking.experiment,
         tracker.uri,
     )
+    if launch_options is not None and launch_options.launcher != "inline":
+        outcomes, failures = launch(runs, launch_options, tracker)
+        fingerprints = {o.fingerprint for o in outcomes}
+        return SuiteResult(outcomes, failures, fingerprints, runs[0].tracking.experiment)
     for number, config in enumerate(runs, 1):
         label = (
             f"[{number}/{len(runs)}] {config.dataset.name} {config.method.name} "

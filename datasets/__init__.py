@@ -1,3 +1,3 @@
 """Built-in data set plugins; importing this package registers them."""
 
-from ltbench.datasets import digits_lt  # noqa: F401
+from ltbench.datasets import cifar_lt, digits_lt, list_lt  # noqa: F401
