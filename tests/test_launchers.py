@@ -12,7 +12,14 @@ from ltbench.method import METHODS, Method, SecondStage
 
 from .conftest import run_config
 
-SUITE = ["run", "default", "recipe.epochs=2", "recipe.warmup_epochs=1", "seeds=[0,1]"]
+SUITE = [
+    "run",
+    "default",
+    "recipe.epochs=2",
+    "recipe.warmup_epochs=1",
+    "seeds=[0,1]",
+    "methods=[ce]",
+]
 
 
 def finished_runs(store, experiment):

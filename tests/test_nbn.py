@@ -4,6 +4,8 @@ options, checkpoints, torch.compile, and composition with every registered metho
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from ltbench.models import MODELS, ImageClassifier
 from ltbench.runner import execute
 from ltbench.tracking import Tracker
 
-from .conftest import run_config
+from .conftest import FAST, run_config
 
 CTX = MethodContext(10, torch.full((10,), 10), 2, "train", 0, torch.device("cpu"))
 
@@ -280,6 +282,23 @@ def test_train_compile_flag_trains_the_compiled_model(shared_store, monkeypatch)
     assert [type(r.inner).__name__ for r in compiled] == ["DistributedDataParallel"]
     assert compiled[0].calls == 6  # every training step went through it (331 images, batch 64)
     assert outcome.metrics["test_count"] == 400
+
+
+def test_nbn_trains_under_two_process_ddp(shared_store, tmp_path):
+    command = [
+        *(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"),
+        *("-m", "ltbench.train", *FAST, "recipe.epochs=2", "tracking.experiment=ddp_nbn"),
+        *("method.name=nbn", "method.options.nbn.rectify_logits=true"),
+    ]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (run,) = shared_store.client.search_runs(shared_store.experiment_ids(["ddp_nbn"]))
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "2"
+    assert run.data.metrics["test_count"] == 400
+    path = shared_store.download(run.info.run_id, "checkpoints/final.pt", str(tmp_path))
+    state = torch.load(path, weights_only=True)["model"]
+    assert state["backbone.layer3.0.bn2.alpha"].item() != 1.0  # the shared alpha trained
+    assert state["logit_rectifier.running_var"].ne(1.0).all()  # the rectifier's statistics
 
 
 # --- composition -------------------------------------------------------------------------------
