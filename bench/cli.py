@@ -94,7 +94,30 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument(
         "--no-published", action="store_true", help="leave the published numbers out"
     )
+    board.add_argument(
+        "--compare",
+        metavar="COMPONENT",
+        help="show each method without and with COMPONENT side by side, with the difference "
+        "(e.g. --compare nbn pairs X with X+nbn on the same data set, backbone and recipe)",
+    )
     board.set_defaults(handler=cmd_leaderboard)
+
+    diagnostics = commands.add_parser(
+        "diagnostics",
+        help="overlay the feature-strength and BN-weight diagnostics of tracked runs",
+    )
+    diagnostics.add_argument(
+        "--experiment", action="append", help="experiment name (repeatable; default: every one)"
+    )
+    diagnostics.add_argument("--dataset", help="only runs on this data set")
+    diagnostics.add_argument("--backbone", help="only runs with this backbone")
+    diagnostics.add_argument(
+        "--out", type=Path, required=True, help="folder for the comparison CSVs and plots"
+    )
+    diagnostics.add_argument(
+        "--tracking-uri", help="MLflow store (default: MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
+    diagnostics.set_defaults(handler=cmd_diagnostics)
 
     listing = commands.add_parser("list", help="list registered methods, data sets, models")
     listing.add_argument("kind", nargs="?", choices=["methods", "datasets", "models", "suites"])
@@ -237,13 +260,30 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                 f"{', '.join(known) or 'none'}"
             )
     runs, excluded = leaderboard.collect(tracker, args.experiment)
-    published = None if args.no_published else leaderboard.load_published(args.published)
-    text = leaderboard.render(leaderboard.build(runs, excluded, None, published), args.format)
+    if args.compare:
+        comparison = leaderboard.compare(runs, args.compare, excluded)
+        text = leaderboard.render_comparison(comparison, args.format)
+    else:
+        published = None if args.no_published else leaderboard.load_published(args.published)
+        text = leaderboard.render(leaderboard.build(runs, excluded, None, published), args.format)
     if args.out:
         args.out.write_text(text)
         log.info("wrote %s", args.out)
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def cmd_diagnostics(args: argparse.Namespace) -> int:
+    from ltbench import diagnostics
+    from ltbench.tracking import Tracker
+
+    tracker = Tracker(args.tracking_uri)
+    summaries = diagnostics.write_comparison(
+        tracker, args.experiment, args.out, dataset=args.dataset, backbone=args.backbone
+    )
+    sys.stdout.write(summaries.to_markdown(index=False, floatfmt=".3f") + "\n")
+    log.info("wrote the comparison to %s", args.out)
     return 0
 
 

@@ -125,6 +125,7 @@ class TrainConfig:
     compile: bool = False
     checkpoint: bool = True
     num_workers: int = 4
+    diagnostics: bool = True
     sync_bn: bool = False  # SyncBatchNorm over ranks (CUDA only); the tags record world_size
     resume: bool = True  # checkpoint every epoch and on SIGTERM; continue an interrupted run
     checkpoint_dir: str = "checkpoints"  # resume checkpoints, one folder per run

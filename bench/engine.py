@@ -156,6 +156,8 @@ def train_stage(
     )
     device_ids = [dist.device.index] if dist.device.type == "cuda" else None
     trained = DistributedDataParallel(model, device_ids=device_ids)
+    if settings.compile:
+        trained = torch.compile(trained)
     per_rank_batch = max(1, recipe.batch_size // dist.world_size)
     started = time.perf_counter()
     saved = _restore(resume, model, optimizer, dist, run_log)

@@ -322,3 +322,198 @@ def render(board: Leaderboard, fmt: str = "markdown") -> str:
         notes = "".join(f"<p>{note}</p>" for note in board.footnotes)
         return table + "\n" + notes + "\n"
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+
+
+# --- With and without one component (e.g. ``--compare nbn``) ---------------------------------
+
+#: run-config sections whose params do not identify a setup (as in the fingerprint)
+UNPAIRED_SECTIONS = ("seed", "train", "tracking")
+UNPAIRED_DATA_KEYS = ("data.root", "data.download", "data.allow_noncanonical")
+
+
+@dataclass
+class Comparison:
+    """Each setup with and without ``component``: one row per (data set, backbone, recipe,
+    method without the component), numbers in percent, ``delta`` = with - without."""
+
+    component: str
+    rows: pd.DataFrame
+    excluded: dict[str, int] = field(default_factory=dict)
+
+
+def _components(method: str) -> list[str]:
+    from ltbench.errors import PluginError
+    from ltbench.method import METHODS
+
+    try:
+        return METHODS.components(method)
+    except PluginError:  # a plugin not installed here: take the spec literally
+        return [part.strip() for part in method.split("+")]
+
+
+def _setup_key(row: pd.Series, base: list[str]) -> str:
+    """What a run's setup is apart from the compared component: every fingerprinted param but
+    the method, plus the other components and their options."""
+    kept = {"method.components": "+".join(base)}
+    for column, value in row.items():
+        key = str(column).removeprefix("params.")
+        if key == column or not isinstance(value, str):
+            continue
+        if key.split(".")[0] in UNPAIRED_SECTIONS or key in UNPAIRED_DATA_KEYS:
+            continue
+        if key.startswith("method.") and not any(
+            key.startswith(f"method.options.{c}.") for c in base
+        ):
+            continue
+        kept[key] = value
+    return json.dumps(kept, sort_keys=True)
+
+
+def _variant(run: pd.Series, component: str) -> str:
+    """The component's options where they differ from its defaults ("" for the defaults)."""
+    from ltbench.config import flatten
+    from ltbench.errors import LtbenchError
+    from ltbench.method import METHODS
+
+    prefix = f"params.method.options.{component}."
+    try:
+        defaults = flatten(METHODS.resolve_options(component, {})[component])
+    except LtbenchError:  # a plugin not installed here: show every option given
+        defaults = {}
+    changed = [
+        f"{key.removeprefix(prefix)}={value}"
+        for key, value in run.items()
+        if str(key).startswith(prefix)
+        and isinstance(value, str)
+        and str(defaults.get(key.removeprefix(prefix))) != value
+    ]
+    return ", ".join(sorted(changed))
+
+
+def compare(
+    runs: pd.DataFrame, component: str, excluded: dict[str, int] | None = None
+) -> Comparison:
+    """Pair each method X with X+``component`` on the same data set, backbone, recipe and
+    options (``runs`` from :func:`collect`, with :func:`with_params`). Plain ``component``
+    pairs with ``ce``. A setup run only one way shows the other side empty."""
+    sides = ("without", "with")
+    columns = ["dataset", "method", "backbone", "canonical"]
+    columns += [f"{key}_{side}" for key in ("fingerprint", "seeds") for side in sides]
+    columns += [f"{n}_{s}" for n in METRICS for s in ("without", "without_std", "with", "with_std")]
+    columns += [f"{n}_delta" for n in METRICS]
+    if runs.empty:
+        return Comparison(component, pd.DataFrame(columns=columns), excluded or {})
+
+    groups: dict[str, dict] = {}
+    for _, run in runs.iterrows():
+        components = _components(run["tags.method"])
+        base = sorted(set(components) - {component}) or ["ce"]
+        group = groups.setdefault(
+            _setup_key(run, base),
+            {
+                "dataset": _dataset_label(run),
+                "method": "+".join(base),
+                "backbone": run["tags.backbone"],
+                "without": [],
+                "variants": {},
+            },
+        )
+        if component in components:
+            group["variants"].setdefault(_variant(run, component), []).append(run)
+        else:
+            group["method"] = run["tags.method"]
+            group["without"].append(run)
+
+    setups = []
+    for group in groups.values():
+        for variant, with_runs in group["variants"].items() or [("", [])]:
+            label = group["method"] + (f" [{component}: {variant}]" if variant else "")
+            setups.append(group | {"method": label, "with": with_runs})
+
+    rows = []
+    for setup in setups:
+        row = {k: setup[k] for k in ("dataset", "method", "backbone")}
+        row["canonical"] = all(
+            r.get("tags.data_canonical", "true") != "false"
+            for r in setup["without"] + setup["with"]
+        )
+        for side in sides:
+            row[f"seeds_{side}"] = len(setup[side])
+            row[f"fingerprint_{side}"] = setup[side][0]["tags.fingerprint"] if setup[side] else ""
+            for name, metric in METRICS.items():
+                values = pd.Series([r.get(f"metrics.{metric}") for r in setup[side]], dtype=float)
+                values = values.dropna()
+                row[f"{name}_{side}"] = values.mean() if len(values) else np.nan
+                row[f"{name}_{side}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+        for name in METRICS:
+            row[f"{name}_delta"] = row[f"{name}_with"] - row[f"{name}_without"]
+        rows.append(row)
+    table = pd.DataFrame(rows, columns=columns).sort_values(["dataset", "backbone", "method"])
+    return Comparison(component, table.reset_index(drop=True), excluded or {})
+
+
+def _dataset_label(run: pd.Series) -> str:
+    label = run.get("tags.dataset_label")
+    return label if isinstance(label, str) and label else run["tags.dataset"]
+
+
+def _delta(value: float) -> str:
+    return "" if np.isnan(value) else f"{value:+.2f}"
+
+
+def render_comparison(comparison: Comparison, fmt: str = "markdown") -> str:
+    """The comparison as Markdown, CSV, LaTeX, HTML or JSON."""
+    plus = f"+{comparison.component}"
+    notes = [
+        f"Each method without and with {comparison.component} (same data set, backbone, recipe "
+        f"and options); delta = with - without, in points. Top-1 accuracy (%) on the test split, "
+        "mean ± std over seeds, last epoch."
+    ]
+    if comparison.excluded:
+        notes.append(f"{sum(comparison.excluded.values())} unfinished or failed run(s) left out.")
+    if len(comparison.rows) and not comparison.rows["canonical"].astype(bool).all():
+        notes.append(
+            f"{NONCANONICAL_MARK} non-canonical data: the files differ from the official release."
+        )
+    if fmt == "csv":
+        return comparison.rows.to_csv(index=False, float_format="%.4f")
+    if fmt == "json":
+        records = json.loads(comparison.rows.to_json(orient="records", double_precision=4))
+        payload = {"component": comparison.component, "rows": records, "notes": notes}
+        return json.dumps(payload, indent=2) + "\n"
+    plus_minus = r"$\pm$" if fmt == "latex" else "±"
+    headers = ["data set", "method", "backbone", "fingerprints", "seeds"]
+    for name in METRICS:
+        headers += [name, f"{name} {plus}", "Δ"]
+    rows = []
+    for _, row in comparison.rows.iterrows():
+        cells = [
+            row["dataset"] + ("" if row["canonical"] else f" {NONCANONICAL_MARK}"),
+            row["method"],
+            row["backbone"],
+            f"{row['fingerprint_without'][:8] or '-'} / {row['fingerprint_with'][:8] or '-'}",
+            f"{row['seeds_without']} / {row['seeds_with']}",
+        ]
+        for name in METRICS:
+            cells += [
+                _cell(row[f"{name}_without"], row[f"{name}_without_std"], plus_minus),
+                _cell(row[f"{name}_with"], row[f"{name}_with_std"], plus_minus),
+                _delta(row[f"{name}_delta"]),
+            ]
+        rows.append(cells)
+    if fmt == "markdown":
+        table = tabulate(rows, headers, tablefmt="github", disable_numparse=True)
+        return table + "\n\n" + "\n".join(notes) + "\n"
+    if fmt == "latex":
+        mark = r"$^\dagger$"
+        rows = [
+            [c.replace("_", r"\_").replace(NONCANONICAL_MARK, mark) for c in row] for row in rows
+        ]
+        notes = [note.replace(NONCANONICAL_MARK, mark) for note in notes]
+        headers = [h.replace("Δ", r"$\Delta$").replace("_", r"\_") for h in headers]
+        table = tabulate(rows, headers, tablefmt="latex_raw", disable_numparse=True)
+        return table + "\n% " + " ".join(notes) + "\n"
+    if fmt == "html":
+        table = tabulate(rows, headers, tablefmt="html", disable_numparse=True)
+        return table + "\n" + "".join(f"<p>{note}</p>" for note in notes) + "\n"
+    raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

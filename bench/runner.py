@@ -41,6 +41,7 @@ from ltbench.config import (
     to_yaml,
 )
 from ltbench.data import DATASETS, LongTailData
+from ltbench.diagnostics import log_diagnostics
 from ltbench.distributed import Dist, setup
 from ltbench.engine import Evaluator, Stage, train_stage
 from ltbench.errors import DataError
@@ -337,6 +338,10 @@ def _train_and_finish(
     run_log.log_text(table.to_csv(index=False), "per_class.csv")
     if dist.is_main:
         log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()))
+    if config.train.diagnostics:
+        step = stage.recipe.epochs if train else 0
+        title = f"{config.dataset.name} {config.method.name} {config.model.name} seed {config.seed}"
+        log_diagnostics(model, data, dist, run_log, config.train, batch, stage.recipe, step, title)
     return metrics, state
 
 

@@ -6,6 +6,7 @@ from ltbench.methods import (  # noqa: F401
     drw,
     ldam,
     lws,
+    nbn,
     reweighting,
     sampling,
     tau_norm,
