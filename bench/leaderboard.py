@@ -394,7 +394,7 @@ def compare(
     runs: pd.DataFrame, component: str, excluded: dict[str, int] | None = None
 ) -> Comparison:
     """Pair each method X with X+``component`` on the same data set, backbone, recipe and
-    options (``runs`` from :func:`collect`, with :func:`with_params`). Plain ``component``
+    options (``runs`` from :func:`collect`, which carry their params). Plain ``component``
     pairs with ``ce``. A setup run only one way shows the other side empty."""
     sides = ("without", "with")
     columns = ["dataset", "method", "backbone", "canonical"]
