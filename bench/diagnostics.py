@@ -52,9 +52,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from ltbench.config import RecipeConfig, TrainConfig
-from ltbench.data import LongTailData, Split
-from ltbench.distributed import Dist
+from ltbench.data import LongTailData
+from ltbench.engine import Evaluator
 from ltbench.errors import LtbenchError
 from ltbench.methods.nbn import stage_names
 from ltbench.tracking import RunLog, Tracker
@@ -84,36 +83,20 @@ def classifier_weight(model: nn.Module, num_classes: int, num_features: int) -> 
 
 @torch.no_grad()
 def feature_strength(
-    model: nn.Module,
-    split: Split,
-    data: LongTailData,
-    dist: Dist,
-    settings: TrainConfig,
-    batch_size: int,
-    recipe: RecipeConfig,
+    model: nn.Module, evaluator: Evaluator, data: LongTailData
 ) -> pd.DataFrame | None:
-    """Per-class feature strength on ``split`` (each image counted once over all ranks), or
-    None when the classifier has no ``(classes, features)`` weight."""
+    """Per-class feature strength on the evaluator's split (each image counted once over all
+    ranks), or None when the classifier has no ``(classes, features)`` weight."""
     weight = classifier_weight(model, data.num_classes, model.num_features)
     if weight is None:
         return None
+    dist = evaluator.dist
     weight = weight.double().to(dist.device)
     direction = weight / weight.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    loader = split.loader(
-        train=False,
-        recipe=recipe,
-        mean=data.mean,
-        std=data.std,
-        device=dist.device,
-        seed=0,
-        channels_last=settings.channels_last,
-        num_workers=settings.num_workers,
-    )
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, data.num_classes, dtype=torch.float64, device=dist.device)
-    indices = dist.shard(torch.arange(len(split)), even=False)
-    for images, labels in loader.batches(indices, batch_size):
+    for images, labels in evaluator.batches():
         features = model.backbone(images).flatten(1).double()
         sums[0].index_add_(0, labels, torch.ones_like(features[:, 0]))
         sums[1].index_add_(0, labels, features.norm(dim=1))
@@ -250,18 +233,15 @@ def _box_count(tables: dict[str, pd.DataFrame]) -> int:
 
 def log_diagnostics(
     model: nn.Module,
+    test: Evaluator,
     data: LongTailData,
-    dist: Dist,
     run_log: RunLog,
-    settings: TrainConfig,
-    batch_size: int,
-    recipe: RecipeConfig,
     step: int,
     title: str,
 ) -> dict[str, float]:
     """Measure the diagnostics on the test split and log them (rank 0); every rank calls it."""
-    table = feature_strength(model, data.test, data, dist, settings, batch_size, recipe)
-    if not dist.is_main:
+    table = feature_strength(model, test, data)
+    if not test.dist.is_main:
         return {}
     summary: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as scratch:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,14 +100,18 @@ class Evaluator:
             num_workers=settings.num_workers,
         )
 
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's share of the split, in batches; every image is in one rank's share."""
+        indices = self.dist.shard(torch.arange(len(self.split)), even=False)
+        return self.loader.batches(indices, self.batch_size)
+
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> ClassTally:
         was_training = model.training
         model.eval()
         correct = torch.zeros(self.num_classes, dtype=torch.int64, device=self.dist.device)
         total = torch.zeros_like(correct)
-        indices = self.dist.shard(torch.arange(len(self.split)), even=False)
-        for images, labels in self.loader.batches(indices, self.batch_size):
+        for images, labels in self.batches():
             predictions = model(images).argmax(dim=1)
             total += torch.bincount(labels, minlength=self.num_classes)
             correct += torch.bincount(labels[predictions == labels], minlength=self.num_classes)

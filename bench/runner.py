@@ -341,7 +341,7 @@ def _train_and_finish(
     if config.train.diagnostics:
         step = stage.recipe.epochs if train else 0
         title = f"{config.dataset.name} {config.method.name} {config.model.name} seed {config.seed}"
-        log_diagnostics(model, data, dist, run_log, config.train, batch, stage.recipe, step, title)
+        log_diagnostics(model, test, data, run_log, step, title)
     return metrics, state
 
 

@@ -12,9 +12,10 @@ from torch import nn
 
 from ltbench import diagnostics, leaderboard
 from ltbench.cli import main
-from ltbench.config import TrainConfig
+from ltbench.config import RecipeConfig, TrainConfig
 from ltbench.datasets.digits_lt import DigitsLT
 from ltbench.distributed import setup
+from ltbench.engine import Evaluator
 from ltbench.method import METHODS, MethodContext
 from ltbench.models import MODELS, ImageClassifier
 from ltbench.tracking import Tracker
@@ -35,11 +36,14 @@ def linear_model() -> ImageClassifier:
     return ImageClassifier(backbone, 6, 10)
 
 
+def evaluator_on_test(data) -> Evaluator:
+    settings = TrainConfig(channels_last=False)
+    return Evaluator(data.test, data, setup("cpu"), settings, 64, RecipeConfig())
+
+
 def test_feature_strength_by_hand(digits):
     model = linear_model()
-    table = diagnostics.feature_strength(
-        model, digits.test, digits, setup("cpu"), TrainConfig(channels_last=False), 64, None
-    )
+    table = diagnostics.feature_strength(model, evaluator_on_test(digits), digits)
     images = (digits.test.images.float() / 255 - digits.mean[0]) / digits.std[0]
     with torch.no_grad():
         features = model.backbone(images).double()
@@ -62,7 +66,7 @@ def test_feature_strength_by_hand(digits):
 
 def test_strength_does_not_change_when_class_weights_are_rescaled(digits):
     model = linear_model()
-    args = (digits.test, digits, setup("cpu"), TrainConfig(channels_last=False), 64, None)
+    args = (evaluator_on_test(digits), digits)
     before = diagnostics.feature_strength(model, *args)
     with torch.no_grad():  # tau-norm or LWS style per-class rescaling
         model.classifier.weight.mul_(torch.linspace(0.1, 3, 10).unsqueeze(1))
