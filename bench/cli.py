@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,29 @@ def main(argv: list[str] | None = None) -> int:
         if not (getattr(args, "extra_into", None) and all("=" in e for e in extra)):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         getattr(args, args.extra_into).extend(extra)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * args.verbose, format="%(message)s", stream=sys.stderr
-    )
-    logging.getLogger("ltbench").setLevel(logging.INFO - 10 * max(0, args.verbose - 2))
-    if args.verbose < 2:  # per-epoch and per-run detail only with -v
-        logging.getLogger("ltbench.engine").setLevel(logging.WARNING)
-        logging.getLogger("ltbench.runner").setLevel(logging.WARNING)
+    configure(args.verbose)
     try:
         return args.handler(args)
     except LtbenchError as error:
         sys.stderr.write(f"ltbench: error: {error}\n")
         return 2
+
+
+def configure(verbosity: int) -> None:
+    """Logging and library defaults, set once by a command-line entry point.
+
+    ltbench's own loggers talk at INFO (1: suite progress; 2, ``-v``: also a line per epoch
+    and each run's test metrics; 3, ``-vv``: debug); other libraries only warn. MLflow's usage
+    telemetry (a network call) and its download progress bars are off unless the environment
+    turns them on.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("ltbench").setLevel(logging.DEBUG if verbosity >= 3 else logging.INFO)
+    detail = logging.NOTSET if verbosity >= 2 else logging.WARNING
+    for name in ("ltbench.engine", "ltbench.runner"):
+        logging.getLogger(name).setLevel(detail)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ltbench.train", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("ltbench.engine").setLevel(logging.INFO)
+    from ltbench.cli import configure
+
+    configure(verbosity=2)
     return run(args)
 
 

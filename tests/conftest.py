@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from ltbench.config import RunConfig, parse_overrides, resolve_run
 from ltbench.tracking import Tracker
+
+# No usage telemetry (a network call) from MLflow in tests.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 #: a short schedule on digits_lt: a few seconds per run on a CPU
 FAST = ["recipe.epochs=3", "recipe.warmup_epochs=1", "train.log_every=100"]
