@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -173,13 +174,21 @@ def parse_overrides(pairs: list[str]) -> DictConfig:
 
 def merge_layers(schema: Any, layers: list[Layer]) -> DictConfig:
     """Merge named layers onto a dataclass schema, naming the layer of any mistake."""
-    merged = OmegaConf.structured(schema)
+    if not layers:
+        return OmegaConf.structured(schema)
+    merged = _structured(schema)  # merge returns a new config; the cached one stays as it is
     for source, layer in layers:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as error:
             raise config_error(error, source) from None
     return merged
+
+
+@functools.cache
+def _structured(schema: Any) -> DictConfig:
+    """The schema's typed defaults, built once: merging copies them and never changes them."""
+    return OmegaConf.structured(schema)
 
 
 def config_error(error: OmegaConfBaseException, source: str) -> ConfigError:

@@ -277,7 +277,12 @@ def test_packaged_cifar_suites():
     suite, layer = load_suite("cifar_lt", ["data.root=/data/cifar"])
     runs = expand(suite, layer)
     grid = {(r.dataset.name, r.dataset.options["imbalance_ratio"], r.seed) for r in runs}
-    assert len(runs) == len(grid) == 18
+    methods = {r.method.name for r in runs}
+    assert len(grid) == 18 and len(runs) == 18 * len(methods)
+    baselines = {"ce", "cbs", "sqrt", "pbs", "inv_freq", "effective_number", "drw", "ldam"}
+    baselines |= {"ldam_drw", "crt", "lws", "tau_norm"}
+    assert baselines <= methods and "nbn" in methods
+    assert {"ldam_drw+nbn", "crt+nbn", "lws+nbn", "tau_norm+nbn", "cbs+nbn"} <= methods
     assert {rho for _, rho, _ in grid} == {100, 50, 10} and {s for *_, s in grid} == {0, 1, 2}
     assert all(r.model.name == "resnet32" and r.recipe.epochs == 200 for r in runs)
     assert "data.root=" in suite.description

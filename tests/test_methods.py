@@ -247,4 +247,8 @@ def test_the_default_suite_runs_every_built_in_method():
         )
     ]
     assert {"ce", "ldam_drw", "crt", "tau_norm"} <= set(built_in)
-    assert sorted(suite.methods) == sorted(built_in)
+    assert set(built_in) <= set(suite.methods)
+    compositions = set(suite.methods) - set(built_in)
+    assert compositions == {"ldam_drw+nbn", "crt+nbn", "lws+nbn", "tau_norm+nbn"}
+    for name in compositions:
+        assert set(METHODS.components(name)) <= set(built_in)
