@@ -249,9 +249,11 @@ def resolve_run(layers: list[Layer]) -> RunConfig:
         )
     MODELS.get(config.model.name)
     config.model.options = MODELS.resolve_options(config.model.name, dict(config.model.options))
-    config.method.options = METHODS.resolve_options(
+    # Composing checks the components against each other (two claims on one slot, a refused
+    # pairing) here, so that a suite with a bad composition stops before any of its runs.
+    config.method.options = METHODS.compose(
         config.method.name, {k: dict(v or {}) for k, v in config.method.options.items()}
-    )
+    ).options
     return config
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from omegaconf import OmegaConf
 
-from ltbench.config import RunConfig, merge_layers, parse_overrides, resolve_run
+from ltbench.config import RunConfig, merge_layers, parse_overrides, resolve_run, to_dict
 from ltbench.errors import ConfigError, LtbenchError
 from ltbench.launch import LaunchOptions, launch
 from ltbench.runner import RunOutcome, execute, load_data
@@ -89,12 +89,39 @@ def load_suite(name_or_path: str, overrides: list[str] = ()) -> tuple[SuiteConfi
         raise ConfigError(f"{source} is not valid YAML: {error}") from None
     if not isinstance(content, dict):
         raise ConfigError(f"{source} must be a mapping of suite fields")
-    parsed = parse_overrides(list(overrides))
+    parsed = OmegaConf.to_container(parse_overrides(list(overrides)))
     suite_layer = {k: v for k, v in parsed.items() if k in SUITE_KEYS}
+    _names_select_entries(parsed, suite_layer)
     run_layer = OmegaConf.create({k: v for k, v in parsed.items() if k not in SUITE_KEYS})
     merged = merge_layers(SuiteConfig, [(source, content), ("the command line", suite_layer)])
     suite: SuiteConfig = OmegaConf.to_object(merged)
     return suite, run_layer
+
+
+#: run-config keys that name what a suite crosses: on the command line they pick the suite's
+#: entries (``method.name=ldam_drw`` runs LDAM-DRW alone), instead of renaming every run
+ENTRY_KEYS = {"dataset": "datasets", "model": "models", "method": "methods"}
+
+
+def _names_select_entries(parsed: dict[str, Any], suite_layer: dict[str, Any]) -> None:
+    """Move ``dataset.name``, ``model.name``, ``method.name`` and ``seed`` overrides from the
+    run layer to the suite's own fields, so that they select rather than duplicate runs."""
+    chosen: dict[str, tuple[str, Any]] = {}
+    for section, suite_field in ENTRY_KEYS.items():
+        value = parsed.get(section)
+        if isinstance(value, dict) and "name" in value:
+            chosen[suite_field] = (f"{section}.name", value.pop("name"))
+            if not value:
+                del parsed[section]
+    if "seed" in parsed:
+        chosen["seeds"] = ("seed", parsed.pop("seed"))
+    for suite_field, (key, value) in chosen.items():
+        if suite_field in suite_layer:
+            raise ConfigError(
+                f"the command line sets both {key} and {suite_field}; give one of them "
+                f"(e.g. {suite_field}=[{value}])"
+            )
+        suite_layer[suite_field] = [value]
 
 
 def _entry(entry: Any, kind: str) -> dict[str, Any]:
@@ -111,7 +138,8 @@ def expand(suite: SuiteConfig, run_layer: Any) -> list[RunConfig]:
     if not (suite.datasets and suite.methods and suite.seeds):
         raise ConfigError("a suite needs at least one data set, one method and one seed")
     experiment = suite.experiment or suite.name
-    runs = []
+    runs: list[RunConfig] = []
+    seen: set[str] = set()
     for dataset in suite.datasets:
         for model in suite.models or [None]:
             for method in suite.methods:
@@ -124,15 +152,25 @@ def expand(suite: SuiteConfig, run_layer: Any) -> list[RunConfig]:
                     }
                     if model is not None:
                         entry["model"] = _entry(model, "models")
-                    runs.append(
-                        resolve_run(
-                            [
-                                (f"suite {suite.name!r} (its config section)", suite.config),
-                                (f"suite {suite.name!r}", entry),
-                                ("the command line", run_layer),
-                            ]
-                        )
+                    config = resolve_run(
+                        [
+                            (f"suite {suite.name!r} (its config section)", suite.config),
+                            (f"suite {suite.name!r}", entry),
+                            ("the command line", run_layer),
+                        ]
                     )
+                    identity = json.dumps(to_dict(config), sort_keys=True, default=str)
+                    if identity in seen:
+                        log.warning(
+                            "suite %s lists %s %s seed %d twice; it runs once",
+                            suite.name,
+                            config.dataset.name,
+                            config.method.name,
+                            config.seed,
+                        )
+                        continue
+                    seen.add(identity)
+                    runs.append(config)
     return runs
 
 
@@ -151,9 +189,10 @@ def run_suite(
     outcomes, failures = [], []
     started = time.perf_counter()
     log.info(
-        "suite %s: %d runs into experiment %r of %s",
+        "suite %s: %d %s into experiment %r of %s",
         suite.name,
         len(runs),
+        "run" if len(runs) == 1 else "runs",
         runs[0].tracking.experiment,
         tracker.uri,
     )

@@ -8,7 +8,7 @@ import pytest
 
 from ltbench.config import RecipeConfig, fingerprint, parse_overrides, resolve_run
 from ltbench.errors import ConfigError, PluginError
-from ltbench.suite import load_suite
+from ltbench.suite import expand, load_suite
 
 from .conftest import run_config
 
@@ -144,3 +144,27 @@ def test_suite_overrides_split_between_suite_and_runs(tmp_path):
     path.write_text("name: mine\nmethod: [ce]\n")
     with pytest.raises(ConfigError, match="unknown config key 'method'.*methods"):
         load_suite(str(path))
+
+
+def test_name_overrides_select_the_suites_entries_instead_of_renaming_every_run():
+    suite, run_layer = load_suite(
+        "default", ["method.name=ldam_drw", "method.options.drw.beta=0.99", "seed=4"]
+    )
+    assert suite.methods == ["ldam_drw"] and suite.seeds == [4]
+    assert run_layer == {"method": {"options": {"drw": {"beta": 0.99}}}}
+    runs = expand(suite, run_layer)
+    assert [(r.method.name, r.seed) for r in runs] == [("ldam_drw", 4)]
+    assert runs[0].method.options["drw"]["beta"] == 0.99
+    with pytest.raises(ConfigError, match="sets both method.name and methods"):
+        load_suite("default", ["method.name=ce", "methods=[ce]"])
+
+
+def test_a_suite_listing_a_run_twice_runs_it_once():
+    suite, run_layer = load_suite("default", ["methods=[ce,ce,cbs]", "seeds=[0]"])
+    assert [r.method.name for r in expand(suite, run_layer)] == ["ce", "cbs"]
+
+
+def test_a_clashing_composition_is_refused_before_any_run_starts():
+    suite, run_layer = load_suite("default", ["methods=[ce,ce+ldam]"])
+    with pytest.raises(PluginError, match="ce and ldam both claim the loss"):
+        expand(suite, run_layer)
