@@ -303,25 +303,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ltbench.data import DATASETS
     from ltbench.method import METHODS
     from ltbench.models import MODELS
-    from ltbench.suite import packaged_suites, suite_text
 
     registries = {"methods": METHODS, "datasets": DATASETS, "models": MODELS}
     kinds = [args.kind] if args.kind else [*registries, "suites"]
     for kind in kinds:
         sys.stdout.write(f"{kind}:\n")
-        if kind == "suites":
-            import yaml
-
-            for name in packaged_suites():
-                description = yaml.safe_load(suite_text(name)[0]).get("description", "")
-                sys.stdout.write(f"  {name:<16} {description}\n")
-            continue
-        registry = registries[kind]
-        for name in registry.names():
-            sys.stdout.write(f"  {name:<16} {registry.describe(name)}\n")
+        rows = _suite_rows() if kind == "suites" else _registry_rows(registries[kind])
         if kind == "models":
-            sys.stdout.write(f"  {'timm/<name>':<16} any timm model, untrained, as the backbone\n")
+            rows.append(("timm/<name>", "any timm model, untrained, as the backbone"))
+        width = max(len(name) for name, _ in rows)
+        for name, description in rows:
+            sys.stdout.write(f"  {name:<{width}}  {description}\n")
     return 0
+
+
+def _registry_rows(registry: Any) -> list[tuple[str, str]]:
+    return [(name, registry.describe(name)) for name in registry.names()]
+
+
+def _suite_rows() -> list[tuple[str, str]]:
+    import yaml
+
+    from ltbench.suite import packaged_suites, suite_text
+
+    return [
+        (name, yaml.safe_load(suite_text(name)[0]).get("description", ""))
+        for name in packaged_suites()
+    ]
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

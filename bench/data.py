@@ -305,3 +305,10 @@ class DatasetRegistry(Registry):
 
 
 DATASETS = DatasetRegistry()
+
+
+def options_label(options: dict[str, Any]) -> str:
+    """A data set's options as a short label, ``imbalance_ratio=100, split_seed=0``."""
+    return ", ".join(
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items()
+    )

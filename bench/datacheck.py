@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ltbench.config import DataConfig, parse_overrides
-from ltbench.data import DATASETS, LongTailData
+from ltbench.data import DATASETS, LongTailData, options_label
 from ltbench.errors import ConfigError, DataError
 from ltbench.registry import resolve_options
 
@@ -55,7 +55,7 @@ def check(name: str, root: str | None, pairs: list[str] = ()) -> CheckReport:
     plugin_cls = DATASETS.get(name)
     options = resolve_options("data set", name, plugin_cls.__init__, options)
     plugin = plugin_cls(**options)
-    shown = ", ".join(f"{k}={v}" for k, v in options.items())
+    shown = options_label(options)
     report = CheckReport([f"{name}{f' ({shown})' if shown else ''}: {DATASETS.describe(name)}"])
     report.lines.append(f"root: {root if root is not None else '(not set)'}")
 

@@ -40,7 +40,7 @@ from ltbench.config import (
     to_dict,
     to_yaml,
 )
-from ltbench.data import DATASETS, LongTailData
+from ltbench.data import DATASETS, LongTailData, options_label
 from ltbench.diagnostics import log_diagnostics
 from ltbench.distributed import Dist, setup
 from ltbench.engine import Evaluator, Stage, train_stage
@@ -183,10 +183,7 @@ def _reopen(tracker: Tracker, experiment_id: str, resume: Resume | None) -> RunL
 def run_tags(
     config: RunConfig, data: LongTailData, run_fingerprint: str, dist: Dist
 ) -> dict[str, str]:
-    options = ", ".join(
-        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in config.dataset.options.items()
-    )
+    options = options_label(config.dataset.options)
     return {
         "dataset": config.dataset.name,
         "dataset_label": f"{config.dataset.name} ({options})" if options else config.dataset.name,
