@@ -25,7 +25,7 @@ def cifar_root(tmp_path_factory):
 def test_cifar_report_counts_classes_groups_and_checksums(cifar_root):
     report = check("cifar10_lt", str(cifar_root), ["imbalance_ratio=50"])
     text = report.text
-    assert "cifar10_lt (imbalance_ratio=50.0)" in text
+    assert "cifar10_lt (imbalance_ratio=50)" in text
     assert "cifar-10-batches-py/data_batch_1  differs   md5 " in text
     assert "release has c99cafc152244af753f735de768cd75f" in text
     assert "train    13,996 images, 10 classes" in text
