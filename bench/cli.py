@@ -34,16 +34,16 @@ def configure(verbosity: int) -> None:
     """Logging and library defaults, set once by a command-line entry point.
 
     ltbench's own loggers talk at INFO (1: suite progress; 2, ``-v``: also a line per epoch
-    and each run's test metrics; 3, ``-vv``: debug); other libraries only warn. MLflow's usage
-    telemetry (a network call) and its download progress bars are off unless the environment
-    turns them on.
+    and each run's test metrics, and what a method did to the model; 3, ``-vv``: debug); other
+    libraries only warn. MLflow's usage telemetry (a network call) and its download progress
+    bars are off unless the environment turns them on.
     """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("ltbench").setLevel(logging.DEBUG if verbosity >= 3 else logging.INFO)
     detail = logging.NOTSET if verbosity >= 2 else logging.WARNING
-    for name in ("ltbench.engine", "ltbench.runner"):
+    for name in ("ltbench.engine", "ltbench.runner", "ltbench.methods"):
         logging.getLogger(name).setLevel(detail)
 
 
