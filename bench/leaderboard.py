@@ -326,8 +326,9 @@ def render(board: Leaderboard, fmt: str = "markdown") -> str:
 
 # --- With and without one component (e.g. ``--compare nbn``) ---------------------------------
 
-#: run-config sections whose params do not identify a setup (as in the fingerprint)
-UNPAIRED_SECTIONS = ("seed", "train", "tracking")
+#: param sections that do not identify a setup: those the fingerprint leaves out, and
+#: ``posthoc`` (what a post-hoc transform chose, such as tau: an outcome that differs by seed)
+UNPAIRED_SECTIONS = ("seed", "train", "tracking", "posthoc")
 UNPAIRED_DATA_KEYS = ("data.root", "data.download", "data.allow_noncanonical")
 
 

@@ -251,3 +251,18 @@ def test_pairs_match_everything_but_the_component():
     assert "+4.50" in text and "-11.00" in text and "71.00 ± 1.41" in text
     marked = [line for line in text.splitlines() if "| d †" in line]
     assert len(marked) == 1 and "50.00" in marked[0] and "non-canonical data" in text
+
+
+def test_post_hoc_choices_do_not_split_a_setup():
+    """tau-norm logs the tau it chose per seed; seeds that chose differently are one setup."""
+    runs = pd.DataFrame(
+        [
+            run_row("tau_norm", 0, 40.0, **{"posthoc.tau": "0.2"}),
+            run_row("tau_norm", 1, 44.0, **{"posthoc.tau": "0.7"}),
+            run_row("tau_norm+nbn", 0, 41.0, **{"posthoc.tau": "1.0"}),
+            run_row("tau_norm+nbn", 1, 47.0, **{"posthoc.tau": "0.3"}),
+        ]
+    )
+    (row,) = leaderboard.compare(runs, "nbn").rows.to_dict("records")
+    assert row["seeds_without"] == row["seeds_with"] == 2
+    assert row["all_without"] == 42.0 and row["all_with"] == 44.0 and row["all_delta"] == 2.0
